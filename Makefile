@@ -1,0 +1,29 @@
+# Two entry points: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv when it is missing and install the project into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LOPT_DATA_DIR ?= $(abspath ../shared/data)
+export LOPT_DATA_DIR
+
+.PHONY: demo test lint setup clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) scripts/demo.py
+
+test: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs wandb .pytest_cache
