@@ -1,0 +1,198 @@
+"""Learned-optimizer checkpoints: a directory anyone can load into an optax optimizer.
+
+Layout of ``path/``:
+
+* ``optimizer.json``: format version, library version, method name, config, and the weight
+  space's signature (every leaf's key path, shape, dtype and spec labels), plus the SHA-256 of
+  the meta-parameter file;
+* ``meta_params.msgpack``: the meta-parameters, Flax msgpack serialisation (no pickle).
+
+Example (five lines of ordinary optax code)::
+
+    tx = learned_opt.load_optax("runs/mlp/optimizer")
+    opt_state = tx.init(params)
+    for batch in batches:
+        grads = jax.grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from learned_opt.optimizers import LearnedOptimizer, learned_optimizer
+from learned_opt.spec import is_spec_leaf
+
+FORMAT = "learned_opt.optimizer"
+FORMAT_VERSION = 1
+JSON_FILE = "optimizer.json"
+META_FILE = "meta_params.msgpack"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, partial, corrupted, or does not fit."""
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("learned-opt")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _keys(path) -> list[str]:
+    keys = []
+    for k in path:
+        if not isinstance(k, jax.tree_util.DictKey) or not isinstance(k.key, str):
+            raise CheckpointError(
+                f"checkpoints support parameter trees of nested dicts with string keys (as Flax "
+                f"produces); found the key {k!r}")
+        keys.append(k.key)
+    return keys
+
+
+def _label_to_json(label, where: str):
+    if label is None or isinstance(label, str) or (
+            isinstance(label, int) and not isinstance(label, bool)):
+        return label
+    raise CheckpointError(f"spec label {label!r} at {where} cannot be saved: use str, int or None")
+
+
+def _nest(entries: list[tuple[list[str], Any]]) -> dict:
+    tree: dict = {}
+    for keys, value in entries:
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return tree
+
+
+def _flat_arrays(tree) -> list[tuple[str, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [("/".join(str(getattr(k, "key", k)) for k in p), x) for p, x in flat]
+
+
+def save(path: str | os.PathLike, lopt: LearnedOptimizer, meta_params: Any) -> str:
+    """Write ``lopt`` and ``meta_params`` to the directory ``path`` (created if needed).
+
+    Returns the directory path. Raises ``CheckpointError`` if ``meta_params`` do not have the
+    structure and shapes of ``lopt.init``'s output.
+    """
+    expected = _flat_arrays(jax.eval_shape(lopt.init, jax.random.key(0)))
+    got = _flat_arrays(meta_params)
+    _compare_meta(expected, got, "meta_params given to save")
+    spec_flat, _ = jax.tree_util.tree_flatten_with_path(lopt.perm_spec, is_leaf=is_spec_leaf)
+    leaves = []
+    for (p, labels), (_, shape, _) in zip(spec_flat, lopt.signature, strict=True):
+        keys = _keys(p)
+        leaves.append(dict(keys=keys, shape=list(shape),
+                           labels=[_label_to_json(lab, "/".join(keys)) for lab in labels]))
+    blob = flax.serialization.msgpack_serialize(
+        jax.tree.map(lambda x: np.asarray(x, np.float32), meta_params))
+    header = dict(
+        format=FORMAT, format_version=FORMAT_VERSION, library_version=_library_version(),
+        name=lopt.name, config=dataclasses.asdict(lopt.config), weight_space=leaves,
+        num_meta_params=int(sum(np.size(x) for _, x in got)),
+        meta_params_file=META_FILE, meta_params_sha256=hashlib.sha256(blob).hexdigest())
+    os.makedirs(path, exist_ok=True)
+    # Write the data first and the header last, each through a temporary file, so that an
+    # interrupted save never leaves a header that points at a half-written file.
+    for name, data in ((META_FILE, blob), (JSON_FILE, json.dumps(header, indent=2).encode())):
+        tmp = os.path.join(path, name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(path, name))
+    return os.fspath(path)
+
+
+def _compare_meta(expected, got, what: str) -> None:
+    exp = dict(expected)
+    got_d = dict(got)
+    for p, x in expected:
+        if p not in got_d:
+            raise CheckpointError(f"{what}: missing meta-parameter {p}")
+        if tuple(np.shape(got_d[p])) != tuple(x.shape):
+            raise CheckpointError(f"{what}: meta-parameter {p} has shape "
+                                  f"{tuple(np.shape(got_d[p]))}, expected {tuple(x.shape)}")
+    extra = [p for p, _ in got if p not in exp]
+    if extra:
+        raise CheckpointError(f"{what}: unexpected meta-parameter {extra[0]}")
+
+
+def _read_header(path) -> dict:
+    jpath = os.path.join(path, JSON_FILE)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    if not os.path.isfile(jpath):
+        raise CheckpointError(f"partial checkpoint: {jpath} is missing")
+    try:
+        with open(jpath) as f:
+            header = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupted checkpoint: {jpath} is not valid JSON ({e})") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"{jpath} is not a learned-optimizer checkpoint header")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{jpath} has format version {header.get('format_version')}; this "
+                              f"library reads version {FORMAT_VERSION}")
+    missing = [k for k in ("name", "config", "weight_space", "meta_params_sha256")
+               if k not in header]
+    if missing:
+        raise CheckpointError(f"corrupted checkpoint: {jpath} lacks the field(s) {missing}")
+    return header
+
+
+def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, dict[str, Any]]:
+    """Read a checkpoint written by :func:`save`: returns ``(lopt, meta_params)``."""
+    path = os.fspath(path)
+    header = _read_header(path)
+    try:
+        leaves = [(list(e["keys"]), tuple(e["shape"]), tuple(e["labels"]))
+                  for e in header["weight_space"]]
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"corrupted checkpoint: bad weight_space entry in {path} "
+                              f"({e!r})") from e
+    params = _nest([(k, jax.ShapeDtypeStruct(s, jnp.float32)) for k, s, _ in leaves])
+    spec = _nest([(k, labels) for k, _, labels in leaves])
+    lopt = learned_optimizer(header["name"], params, spec, **header["config"])
+
+    mpath = os.path.join(path, header.get("meta_params_file", META_FILE))
+    if not os.path.isfile(mpath):
+        raise CheckpointError(f"partial checkpoint: {mpath} is missing")
+    with open(mpath, "rb") as f:
+        blob = f.read()
+    if hashlib.sha256(blob).hexdigest() != header["meta_params_sha256"]:
+        raise CheckpointError(f"corrupted checkpoint: {mpath} does not match the SHA-256 "
+                              f"recorded in {JSON_FILE}")
+    try:
+        state = flax.serialization.msgpack_restore(blob)
+    except Exception as e:  # msgpack raises several types on malformed input
+        raise CheckpointError(f"corrupted checkpoint: cannot decode {mpath} ({e})") from e
+    template = jax.eval_shape(lopt.init, jax.random.key(0))
+    _compare_meta(_flat_arrays(template), _flat_arrays(state), f"checkpoint {path}")
+    meta = flax.serialization.from_state_dict(template, state)
+    meta = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), meta)
+    return lopt, meta
+
+
+def load_optax(path: str | os.PathLike) -> optax.GradientTransformationExtraArgs:
+    """The checkpoint at ``path`` as an optax optimizer (its ``update`` needs ``params``).
+
+    The optimizer accepts parameters with the checkpoint's structure at other label sizes and
+    raises ``PermSpecError`` naming the first mismatching leaf otherwise.
+    """
+    lopt, meta = load(path)
+    return lopt.as_optax(meta)

@@ -1,0 +1,87 @@
+"""Per-parameter input features of the learned optimizers (PAPER_NOTES section 3).
+
+For every parameter tensor the update network sees ``leaf_shape + (19,)`` channels:
+
+* 8 "state" channels: the weight, the gradient and 6 gradient momenta (averaging form,
+  decays 0.1 ... 0.9999). Each is clipped to [-1, 1] (public code) and then divided by its own
+  root mean square over the tensor, so that every channel has unit scale whatever the
+  parameter's or the gradient's scale. The statistics are taken over whole tensors, which are
+  invariant under any permutation of their axes: the features stay equivariant.
+* 11 step channels: ``tanh(t / s - 1)`` for timescales s = 1, 3, 10, ..., 100000 (public code;
+  the paper says "sinusoidal"), the same value for every parameter.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> step_embedding(jnp.int32(0), (1.0, 10.0)).shape
+  (2,)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+PyTree = object
+
+MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+STEP_TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
+_EPS = 1e-8  # keeps the normaliser finite for all-zero channels (e.g. zero biases at init)
+
+
+def num_features(num_decays: int, num_timescales: int) -> int:
+    """Input channels: weight, gradient, one per momentum, one per timescale."""
+    return 2 + num_decays + num_timescales
+
+
+def init_momenta(params: PyTree, num_decays: int) -> PyTree:
+    """Zero momenta, one trailing channel per decay: leaves ``leaf_shape + (num_decays,)``."""
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p) + (num_decays,), jnp.float32), params)
+
+
+def update_momenta(momenta: PyTree, grads: PyTree, decays: Sequence[float]) -> PyTree:
+    """Averaging-form momenta ``v <- d * v + (1 - d) * g`` for every decay d at once.
+
+    The averaging form keeps every momentum on the gradient's scale, so clipping to [-1, 1]
+    treats them alike (with the sum form the 0.9999 momentum would be 10^4 gradients).
+    """
+    d = jnp.asarray(decays, jnp.float32)
+    return jax.tree.map(lambda v, g: d * v + (1.0 - d) * g.astype(jnp.float32)[..., None],
+                        momenta, grads)
+
+
+def step_embedding(step: jax.Array, timescales: Sequence[float]) -> jax.Array:
+    """``tanh(step / s - 1)`` for each timescale s: shape ``(len(timescales),)``."""
+    s = jnp.asarray(timescales, jnp.float32)
+    return jnp.tanh(jnp.asarray(step, jnp.float32) / s - 1.0)
+
+
+def _normalise(x: jax.Array, clip: bool) -> jax.Array:
+    """Clip (optionally) then divide each channel by its RMS over the tensor's elements."""
+    if clip:
+        x = jnp.clip(x, -1.0, 1.0)
+    axes = tuple(range(x.ndim - 1))
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + _EPS)
+
+
+def build_features(params: PyTree, grads: PyTree, momenta: PyTree, step: jax.Array,
+                   timescales: Sequence[float], clip: bool = True) -> PyTree:
+    """The update network's input: leaves ``leaf_shape + (2 + num_decays + num_timescales,)``.
+
+    Args:
+      params, grads: the weight space and its gradient (same structure).
+      momenta: output of :func:`update_momenta` (leaves ``leaf_shape + (num_decays,)``).
+      step: inner step counter (scalar).
+      timescales: step-embedding timescales.
+      clip: clip the state channels to [-1, 1] before normalising (public code does).
+    """
+    emb = step_embedding(step, timescales)
+
+    def leaf(p, g, v):
+        state = jnp.concatenate(
+            [p.astype(jnp.float32)[..., None], g.astype(jnp.float32)[..., None], v], axis=-1)
+        state = _normalise(state, clip)
+        return jnp.concatenate([state, jnp.broadcast_to(emb, p.shape + emb.shape)], axis=-1)
+
+    return jax.tree.map(leaf, params, grads, momenta)

@@ -1,0 +1,435 @@
+"""Learned optimizers behind one inner-loop interface (PAPER_NOTES section 3).
+
+Every method applies the nominal update of Harrison et al. (2022) used by the paper::
+
+    m  <- decay * m + g                          (sum form: alpha = 0.1 is SGDM at lr 0.1)
+    W  <- W - alpha * (m + beta * f(features))
+
+with ``alpha``, ``beta`` and ``decay`` meta-learned (stored as ``log_alpha``, ``beta`` and
+``logit_decay`` so that every value of the meta-parameters is valid) and ``f`` a network on the
+whole weight space whose input is :mod:`learned_opt.features` (19 channels per parameter).
+Methods differ only in ``f``:
+
+=========  =========================================================================
+``sgdm``   no network, ``beta`` fixed to 0 (alpha and decay meta-learned)
+``deepset`` 3 per-parameter Dense layers (19->32->32->32, ReLU), then ``DeepSetLinear(1)``
+``unf``     3 per-parameter Dense layers, then ``UNFLinear(1)`` (the paper's UNF optimizer)
+``unf_deep`` 4 ``UNFLinear`` layers (19->32->32->32->1, ReLU)
+``nfn``     3 per-parameter Dense layers, then ``NFNLinear(1)`` (MLP and CNN weight spaces)
+=========  =========================================================================
+
+The weight space's structure (leaf paths, ranks, spec labels) is fixed when the optimizer is
+built; label sizes are not, so an optimizer built on a 32-unit MLP updates a 128-unit MLP.
+
+Example:
+  >>> import jax, jax.numpy as jnp, learned_opt
+  >>> params = {"d0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+  ...           "d1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  >>> spec = {"d0": {"kernel": (None, "h"), "bias": ("h",)},
+  ...         "d1": {"kernel": ("h", None), "bias": (None,)}}
+  >>> lopt = learned_opt.learned_optimizer("unf", params, spec)
+  >>> meta = lopt.init(jax.random.key(0))
+  >>> state = lopt.init_state(meta, params)
+  >>> grads = jax.tree.map(jnp.ones_like, params)
+  >>> updates, state = lopt.update(meta, state, grads, params)
+  >>> updates["d0"]["kernel"].shape
+  (4, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from learned_opt import features as feats
+from learned_opt.deepset import DeepSetLinear
+from learned_opt.nfn import NFNLinear
+from learned_opt.spec import (
+    PermSpecError,
+    flatten_with_spec,
+    is_spec_leaf,
+    label_sizes,
+    path_str,
+    spec_leaves,
+)
+from learned_opt.unf import UNFLinear
+
+PyTree = Any
+
+# method name -> (number of leading per-parameter Dense layers, weight-space layer class).
+# ``None`` for the class means no network at all (sgdm). The number of leading per-parameter
+# layers is -1 for "all but the last" (the paper's layout, whatever ``num_layers`` is).
+_METHODS: dict[str, tuple[int, Callable | None]] = {
+    "sgdm": (0, None),
+    "deepset": (-1, DeepSetLinear),
+    "unf": (-1, UNFLinear),
+    "unf_deep": (0, UNFLinear),
+    "nfn": (-1, NFNLinear),
+}
+
+FIXED_AXES_MODES = ("relax", "channels")
+
+
+def list_optimizers() -> list[str]:
+    """Names accepted by :func:`learned_optimizer`."""
+    return sorted(_METHODS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedOptimizerConfig:
+    """Options of a learned optimizer (saved with every checkpoint).
+
+    Attributes:
+      hidden_features: channels of the hidden layers of f (paper: 32).
+      num_layers: layers of f, the last one to 1 channel (paper: 4).
+      momentum_decays: decays of the momentum features (averaging form).
+      step_timescales: timescales of the step embedding ``tanh(t / s - 1)``.
+      init_alpha, init_beta, init_decay: initial nominal step size, network-term scale and
+        nominal momentum decay (paper: 0.1, 0.001, 0.9).
+      momentum_form: nominal momentum ``"sum"`` (m <- decay m + g, the paper's formula, so the
+        initial rule is SGDM at learning rate alpha) or ``"average"`` (m <- decay m +
+        (1 - decay) g, public code; the same alpha then acts like a 10x smaller learning rate).
+      clip_features: clip the 8 state channels to [-1, 1] before the RMS normalisation.
+      fixed_axes: how the network treats spec axes labelled ``None``: ``"relax"`` gives each
+        such axis a fresh label of its own (a larger symmetry group than the true one, so the
+        network stays equivariant to the true group; the meta-parameter count then depends on no
+        size at all); ``"channels"`` keeps them fixed, so the weight-space layer treats their
+        positions as extra channels (exact, but the count grows with e.g. 64 pixels or a 256
+        vocabulary). ``nfn`` always uses the spec as given: its NP layer handles input and
+        output neurons itself.
+    """
+
+    hidden_features: int = 32
+    num_layers: int = 4
+    momentum_decays: tuple[float, ...] = feats.MOMENTUM_DECAYS
+    step_timescales: tuple[float, ...] = feats.STEP_TIMESCALES
+    init_alpha: float = 0.1
+    init_beta: float = 0.001
+    init_decay: float = 0.9
+    momentum_form: str = "sum"
+    clip_features: bool = True
+    fixed_axes: str = "relax"
+
+    def __post_init__(self):
+        # Lists (e.g. from JSON) become tuples so that the config stays hashable.
+        object.__setattr__(self, "momentum_decays", tuple(float(d) for d in self.momentum_decays))
+        object.__setattr__(self, "step_timescales", tuple(float(s) for s in self.step_timescales))
+        if self.hidden_features < 1:
+            raise ValueError(f"hidden_features must be >= 1, got {self.hidden_features}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if not all(0.0 < d < 1.0 for d in self.momentum_decays):
+            raise ValueError(f"momentum_decays must lie in (0, 1), got {self.momentum_decays}")
+        if not all(s > 0 for s in self.step_timescales):
+            raise ValueError(f"step_timescales must be positive, got {self.step_timescales}")
+        if not self.init_alpha > 0:
+            raise ValueError(f"init_alpha must be > 0, got {self.init_alpha}")
+        if not 0.0 < self.init_decay < 1.0:
+            raise ValueError(f"init_decay must lie in (0, 1), got {self.init_decay}")
+        if self.momentum_form not in ("sum", "average"):
+            raise ValueError(
+                f"momentum_form must be 'sum' or 'average', got {self.momentum_form!r}")
+        if self.fixed_axes not in FIXED_AXES_MODES:
+            raise ValueError(
+                f"fixed_axes must be one of {FIXED_AXES_MODES}, got {self.fixed_axes!r}")
+
+    @property
+    def num_features(self) -> int:
+        return feats.num_features(len(self.momentum_decays), len(self.step_timescales))
+
+
+class LearnedOptimizerState(NamedTuple):
+    """Inner-loop state of a learned optimizer."""
+
+    step: jax.Array  # int32 scalar: number of updates applied so far
+    momentum: PyTree  # nominal momentum, like params (float32)
+    feature_momenta: PyTree  # like params with a trailing axis of len(momentum_decays); () for sgdm
+
+
+def relax_fixed_axes(spec: PyTree) -> PyTree:
+    """Give every ``None`` axis of ``spec`` a fresh label of its own.
+
+    A map equivariant to the larger group is equivariant to the true one, so this is safe; it
+    makes the update network's parameter count independent of fixed sizes (pixels, vocabulary).
+    The fresh labels are strings ``"fixed:<leaf path>:<axis>"``.
+    """
+    used = {lab for _, labs in spec_leaves(spec) for lab in labs}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_spec_leaf)
+    out = []
+    for path, labs in flat:
+        new = []
+        for axis, lab in enumerate(labs):
+            if lab is None:
+                lab = f"fixed:{path_str(path)}:{axis}"
+                if lab in used:
+                    raise PermSpecError(f"spec already uses the label {lab!r}; rename it")
+            new.append(lab)
+        out.append(tuple(new))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _pointwise(layer: nn.Module, x: PyTree) -> PyTree:
+    """Apply one per-parameter layer to every parameter of every leaf in a single matmul."""
+    leaves, treedef = jax.tree.flatten(x)
+    flat = jnp.concatenate([v.reshape(-1, v.shape[-1]) for v in leaves], axis=0)
+    y = layer(flat)
+    out, start = [], 0
+    for v in leaves:
+        n = math.prod(v.shape[:-1])
+        out.append(y[start:start + n].reshape(v.shape[:-1] + (y.shape[-1],)))
+        start += n
+    return jax.tree.unflatten(treedef, out)
+
+
+class UpdateNetwork(nn.Module):
+    """f: ``num_pointwise`` per-parameter Dense layers, then weight-space layers; ReLU between.
+
+    Input leaves ``leaf_shape + (c_in,)``; output leaves ``leaf_shape + (1,)``.
+    """
+
+    layer_cls: Callable
+    hidden_features: int = 32
+    num_layers: int = 4
+    num_pointwise: int = 3
+
+    @nn.compact
+    def __call__(self, x: PyTree, spec: PyTree) -> PyTree:
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            width = 1 if last else self.hidden_features
+            if i < self.num_pointwise:
+                x = _pointwise(nn.Dense(width, name=f"dense_{i}"), x)
+            else:
+                x = self.layer_cls(width, name=f"ws_{i}")(x, spec)
+            if not last:
+                x = jax.tree.map(nn.relu, x)
+        return x
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LearnedOptimizer:
+    """A learned optimizer for one weight-space structure; build it with :func:`learned_optimizer`.
+
+    All methods are pure functions of their arguments (the meta-parameters are always passed
+    in), jittable, and vmappable over a population of meta-parameters.
+
+    Attributes:
+      name: method name (see :func:`list_optimizers`).
+      config: :class:`LearnedOptimizerConfig`.
+      perm_spec: the permutation spec given at build (all ``None`` for sgdm without a spec).
+      net_spec: the spec the update network sees (``perm_spec`` after ``config.fixed_axes``).
+      signature: ``(path, shape, labels)`` of every leaf at build time.
+    """
+
+    name: str
+    config: LearnedOptimizerConfig
+    perm_spec: PyTree
+    net_spec: PyTree
+    signature: tuple[tuple[str, tuple[int, ...], tuple], ...]
+    network: UpdateNetwork | None
+
+    # ------------------------------------------------------------------ checks
+    def check_params(self, params: PyTree, what: str = "params") -> None:
+        """Raise ``PermSpecError`` naming the first leaf where ``params`` differ in structure.
+
+        Structure means leaf paths, ranks and consistent label sizes; permuted label sizes may
+        differ from the ones seen at build. Fixed axes whose size enters the network's
+        parameters (``fixed_axes="channels"``, ``nfn``) must keep their size.
+        """
+        flat, _ = jax.tree_util.tree_flatten_with_path(
+            params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        got = [(path_str(p), x) for p, x in flat]
+        if any(isinstance(x, optax.MaskedNode) for _, x in got):
+            masked = next(p for p, x in got if isinstance(x, optax.MaskedNode))
+            raise PermSpecError(
+                f"learned optimizer {self.name!r} got a masked weight space (leaf {masked} is "
+                "masked out): it needs every leaf it was built for, because its update network "
+                "couples all tensors. Wrap the other transformations in optax.masked instead.")
+        for i, (path, shape, labels) in enumerate(self.signature):
+            if i >= len(got):
+                raise PermSpecError(f"{what} structure differs from the optimizer's: leaf {path} "
+                                    f"(shape {shape}) is missing")
+            gpath, x = got[i]
+            if gpath != path:
+                raise PermSpecError(f"{what} structure differs from the optimizer's at leaf "
+                                    f"{i}: expected {path}, got {gpath}")
+            gshape = tuple(np.shape(x))
+            if len(gshape) != len(shape):
+                raise PermSpecError(f"{what} leaf {path}: expected rank {len(shape)} (labels "
+                                    f"{labels}), got shape {gshape}")
+        if len(got) > len(self.signature):
+            raise PermSpecError(f"{what} structure differs from the optimizer's: unexpected "
+                                f"extra leaf {got[len(self.signature)][0]}")
+        label_sizes(params, self.net_spec)  # one size per label, with the leaf named otherwise
+        if self.network is None:
+            return
+        for (path, shape, _), (_, x), (_, net_labels) in zip(
+                self.signature, got, spec_leaves(self.net_spec), strict=True):
+            for axis, lab in enumerate(net_labels):
+                if lab is None and np.shape(x)[axis] != shape[axis]:
+                    raise PermSpecError(
+                        f"{what} leaf {path} axis {axis} is fixed (None) and enters the update "
+                        f"network's parameters: expected size {shape[axis]}, got "
+                        f"{np.shape(x)[axis]}")
+
+    # ------------------------------------------------------------------ meta-parameters
+    def init(self, key: jax.Array) -> dict[str, Any]:
+        """Initial meta-parameters: a plain dict of float32 arrays.
+
+        Keys: ``log_alpha``, ``logit_decay`` and, for methods with a network, ``beta`` (linear,
+        so ``beta = 0`` switches the network term off) and ``net`` (the network's parameters).
+        """
+        c = self.config
+        meta = {
+            "log_alpha": jnp.asarray(math.log(c.init_alpha), jnp.float32),
+            "logit_decay": jnp.asarray(math.log(c.init_decay / (1 - c.init_decay)), jnp.float32),
+        }
+        if self.network is not None:
+            meta["beta"] = jnp.asarray(c.init_beta, jnp.float32)
+            x = jax.tree.unflatten(
+                jax.tree.structure(self.net_spec, is_leaf=is_spec_leaf),
+                [jnp.zeros(shape + (c.num_features,), jnp.float32)
+                 for _, shape, _ in self.signature])
+            meta["net"] = self.network.init(key, x, self.net_spec)["params"]
+        return meta
+
+    def nominal(self, meta_params: dict[str, Any]) -> dict[str, jax.Array]:
+        """``dict(alpha, beta, decay)`` as jnp scalars (for logging)."""
+        return dict(
+            alpha=jnp.exp(meta_params["log_alpha"]),
+            beta=jnp.asarray(meta_params.get("beta", 0.0), jnp.float32),
+            decay=jax.nn.sigmoid(meta_params["logit_decay"]),
+        )
+
+    # ------------------------------------------------------------------ inner loop
+    def init_state(self, meta_params: dict[str, Any], params: PyTree) -> LearnedOptimizerState:
+        """Zero momenta and step 0 for ``params`` (any sizes of the same structure)."""
+        del meta_params  # the state does not depend on them; kept for a uniform signature
+        self.check_params(params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        fm = () if self.network is None else feats.init_momenta(
+            params, len(self.config.momentum_decays))
+        return LearnedOptimizerState(step=jnp.zeros((), jnp.int32), momentum=zeros,
+                                     feature_momenta=fm)
+
+    def update(self, meta_params: dict[str, Any], state: LearnedOptimizerState, grads: PyTree,
+               params: PyTree) -> tuple[PyTree, LearnedOptimizerState]:
+        """One inner step: returns ``(updates, new_state)``; new params = params + updates."""
+        self.check_params(params)
+        if jax.tree.structure(grads) != jax.tree.structure(params):
+            raise PermSpecError("grads and params have different tree structures")
+        c = self.config
+        nom = self.nominal(meta_params)
+        decay = nom["decay"]
+        scale = 1.0 if c.momentum_form == "sum" else 1.0 - decay
+        m = jax.tree.map(lambda m, g: decay * m + scale * g.astype(jnp.float32),
+                         state.momentum, grads)
+        direction, fm = m, ()
+        if self.network is not None:
+            fm = feats.update_momenta(state.feature_momenta, grads, c.momentum_decays)
+            x = feats.build_features(params, grads, fm, state.step, c.step_timescales,
+                                     c.clip_features)
+            f = self.network.apply({"params": meta_params["net"]}, x, self.net_spec)
+            direction = jax.tree.map(lambda m, f: m + nom["beta"] * f[..., 0], m, f)
+        updates = jax.tree.map(lambda d, p: (-nom["alpha"] * d).astype(jnp.result_type(p)),
+                               direction, params)
+        return updates, LearnedOptimizerState(step=state.step + 1, momentum=m,
+                                              feature_momenta=fm)
+
+    # ------------------------------------------------------------------ optax
+    def as_optax(self, meta_params: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
+        """An optax optimizer with these meta-parameters; its ``update`` needs ``params``.
+
+        Example::
+
+            tx = optax.chain(optax.clip_by_global_norm(1.0), lopt.as_optax(meta))
+            opt_state = tx.init(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+        """
+
+        def init_fn(params):
+            return self.init_state(meta_params, params)
+
+        def update_fn(updates, state, params=None, **extra_args):
+            del extra_args
+            if params is None:
+                raise ValueError(
+                    f"learned optimizer {self.name!r} needs the current parameters: call "
+                    "tx.update(grads, opt_state, params)")
+            return self.update(meta_params, state, updates, params)
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def num_meta_params(self, meta_params: dict[str, Any] | None = None) -> int:
+        """Number of meta-parameters (alpha, decay and beta included)."""
+        if meta_params is None:
+            meta_params = jax.eval_shape(self.init, jax.random.key(0))
+        return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(meta_params))
+
+
+def _all_none_spec(params: PyTree) -> PyTree:
+    return jax.tree.map(lambda p: (None,) * len(np.shape(p)), params)
+
+
+def learned_optimizer(name: str, params: PyTree, perm_spec: PyTree = None,
+                      **config: Any) -> LearnedOptimizer:
+    """Build the learned optimizer ``name`` for weight spaces structured like ``params``.
+
+    Args:
+      name: one of :func:`list_optimizers`.
+      params: a pytree of arrays (or ``jax.ShapeDtypeStruct``) fixing the structure.
+      perm_spec: its permutation spec (``task.perm_spec``, or the paper's over-symmetric
+        ``task.paper_perm_spec``). ``None``: inferred with ``learned_opt.infer_perm_spec`` for
+        the network methods, not needed for ``sgdm``.
+      **config: fields of :class:`LearnedOptimizerConfig`.
+
+    Raises:
+      ValueError: unknown name or option; ``PermSpecError`` for a spec that does not fit, or a
+      weight space the method cannot handle (``nfn`` outside MLP/CNN).
+    """
+    if name not in _METHODS:
+        raise ValueError(f"unknown learned optimizer {name!r}; choose one of {list_optimizers()}")
+    fields = {f.name for f in dataclasses.fields(LearnedOptimizerConfig)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for learned_optimizer; valid: "
+                         f"{sorted(fields)}")
+    cfg = LearnedOptimizerConfig(**config)
+    num_pointwise, layer_cls = _METHODS[name]
+    if perm_spec is None:
+        if layer_cls is None:
+            perm_spec = _all_none_spec(params)
+        else:
+            from learned_opt.infer import infer_perm_spec
+
+            try:
+                perm_spec = infer_perm_spec(params)
+            except Exception as e:  # any failure to infer: ask for an explicit spec
+                raise PermSpecError(
+                    f"learned optimizer {name!r} needs a permutation spec and none could be "
+                    f"inferred ({type(e).__name__}: {e}); pass perm_spec=...") from e
+    paths, arrays, labels = flatten_with_spec(params, perm_spec)
+    label_sizes(params, perm_spec)
+    signature = tuple((p, tuple(np.shape(x)), lab)
+                      for p, x, lab in zip(paths, arrays, labels, strict=True))
+    net_spec = perm_spec
+    if cfg.fixed_axes == "relax" and name != "nfn":
+        net_spec = relax_fixed_axes(perm_spec)
+    network = None
+    if layer_cls is not None:
+        num_pointwise = cfg.num_layers - 1 if num_pointwise < 0 else num_pointwise
+        network = UpdateNetwork(layer_cls, cfg.hidden_features, cfg.num_layers, num_pointwise)
+    lopt = LearnedOptimizer(name, cfg, perm_spec, net_spec, signature, network)
+    if network is not None:
+        # Trace the network once now, so that a weight space the method cannot handle fails at
+        # build time with the layer's own message rather than inside the first jitted step.
+        jax.eval_shape(lopt.init, jax.random.key(0))
+    return lopt
