@@ -1,0 +1,33 @@
+"""Tasks for learned optimizers: the paper's four tasks on real data, with checked specs.
+
+>>> import jax, tasks
+>>> task = tasks.get_task("mlp_fmnist_tiny")          # doctest: +SKIP
+>>> params = task.init(jax.random.key(0))             # doctest: +SKIP
+>>> batch = task.sample_batch(jax.random.key(1))      # doctest: +SKIP
+>>> loss = task.loss(params, batch)                   # doctest: +SKIP
+"""
+
+from tasks.base import ClassificationTask, LanguageModelTask, Task, cross_entropy
+from tasks.data import DataNotFoundError
+from tasks.registry import (
+    CNNConfig,
+    MLPConfig,
+    RNNLMConfig,
+    TransformerLMConfig,
+    get_task,
+    list_tasks,
+)
+
+__all__ = [
+    "CNNConfig",
+    "ClassificationTask",
+    "DataNotFoundError",
+    "LanguageModelTask",
+    "MLPConfig",
+    "RNNLMConfig",
+    "Task",
+    "TransformerLMConfig",
+    "cross_entropy",
+    "get_task",
+    "list_tasks",
+]
