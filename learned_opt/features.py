@@ -27,7 +27,7 @@ PyTree = object
 
 MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 STEP_TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
-_EPS = 1e-8  # keeps the normaliser finite for all-zero channels (e.g. zero biases at init)
+_EPS = 1e-12  # keeps the normaliser finite for all-zero channels (e.g. zero biases at init)
 
 
 def num_features(num_decays: int, num_timescales: int) -> int:

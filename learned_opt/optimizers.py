@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -294,12 +295,20 @@ class LearnedOptimizer:
         }
         if self.network is not None:
             meta["beta"] = jnp.asarray(c.init_beta, jnp.float32)
+            meta["net"] = self._init_network(key)
+        return meta
+
+    @functools.cached_property
+    def _init_network(self) -> Callable[[jax.Array], PyTree]:
+        # Jitted once per optimizer: initialising op by op costs seconds on CPU.
+        def init_network(key):
             x = jax.tree.unflatten(
                 jax.tree.structure(self.net_spec, is_leaf=is_spec_leaf),
-                [jnp.zeros(shape + (c.num_features,), jnp.float32)
+                [jnp.zeros(shape + (self.config.num_features,), jnp.float32)
                  for _, shape, _ in self.signature])
-            meta["net"] = self.network.init(key, x, self.net_spec)["params"]
-        return meta
+            return self.network.init(key, x, self.net_spec)["params"]
+
+        return jax.jit(init_network)
 
     def nominal(self, meta_params: dict[str, Any]) -> dict[str, jax.Array]:
         """``dict(alpha, beta, decay)`` as jnp scalars (for logging)."""

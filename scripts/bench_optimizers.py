@@ -1,0 +1,151 @@
+"""Benchmark the learned optimizers against optax.adam on the paper's four tasks.
+
+For every task and optimizer: compile time and time per inner step (task forward + backward +
+optimizer update, K steps inside one jitted ``lax.scan`` with the batch sampled inside, like a
+meta-training unroll), optimizer-state floats per parameter, all beside ``optax.adam`` measured
+in the same process, with ratios. Also prints the meta-parameter counts next to the paper's.
+
+Usage:
+  LOPT_DATA_DIR=../shared/data python scripts/bench_optimizers.py            # everything
+  python scripts/bench_optimizers.py --tasks mlp_fmnist --methods unf        # a subset
+  python scripts/bench_optimizers.py --counts-only                           # counts table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import learned_opt
+import tasks
+
+# Sizes of f reported by the paper (alpha, beta and decay included).
+PAPER_COUNTS = {
+    ("mlp_fmnist", "unf"): 3783, ("mlp_fmnist", "deepset"): 2788,
+    ("cnn_cifar10", "unf"): 7369, ("cnn_cifar10", "deepset"): 2788,
+    ("cnn_cifar10", "nfn"): 41603, ("rnn_lm", "unf"): 8043, ("transformer_lm", "unf"): 64168,
+}
+TASKS = ("mlp_fmnist", "cnn_cifar10", "rnn_lm", "transformer_lm")
+METHODS = ("sgdm", "deepset", "unf", "nfn", "unf_deep")
+NFN_TASKS = ("mlp_fmnist", "cnn_cifar10")
+
+
+def count_table(task_names, methods):
+    print("\n## Meta-parameter counts (alpha, beta, decay included)\n")
+    print("| task | method | task spec, fixed axes relaxed (default) | fixed axes as channels "
+          "| paper's spec | paper |")
+    print("|---|---|---|---|---|---|")
+    for name in task_names:
+        task = tasks.get_task(name)
+        params = jax.eval_shape(task.init, jax.random.key(0))
+        for method in methods:
+            if method == "nfn" and name not in NFN_TASKS:
+                continue
+            cells = []
+            for spec, mode in ((task.perm_spec, "relax"), (task.perm_spec, "channels"),
+                               (getattr(task, "paper_perm_spec", None), "relax")):
+                if spec is None or (method == "nfn" and mode == "channels"):
+                    cells.append("-")  # nfn uses the spec as given in both modes
+                    continue
+                try:
+                    lopt = learned_opt.learned_optimizer(method, params, spec, fixed_axes=mode)
+                    cells.append(f"{lopt.num_meta_params():,}")
+                except Exception as e:  # report, do not hide, what cannot be built
+                    cells.append(f"error: {type(e).__name__}")
+            paper = PAPER_COUNTS.get((name, method))
+            print(f"| {name} | {method} | " + " | ".join(cells) +
+                  f" | {'' if paper is None else f'{paper:,}'} |")
+
+
+def make_unroll(task, init_fn, update_fn, steps):
+    """K inner steps in one jitted scan; returns the final params and the mean loss."""
+
+    def unroll(params, opt_state, key):
+        def body(carry, k):
+            params, opt_state = carry
+            batch = task.sample_batch(k)
+            loss, grads = jax.value_and_grad(task.loss)(params, batch)
+            updates, opt_state = update_fn(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(
+            body, (params, opt_state), jax.random.split(key, steps))
+        return params, opt_state, losses.mean()
+
+    return jax.jit(unroll)
+
+
+def time_optimizer(task, params, tx, steps, repeats):
+    opt_state = tx.init(params)
+    unroll = make_unroll(task, tx.init, tx.update, steps)
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    compiled = unroll.lower(params, opt_state, key).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(params, opt_state, key))  # warm-up
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, opt_state, jax.random.key(i + 1)))
+        times.append((time.perf_counter() - t0) / steps)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    state_floats = sum(x.size for x in jax.tree.leaves(opt_state)
+                       if jnp.issubdtype(x.dtype, jnp.floating))
+    return dict(compile_s=compile_s, step_ms=1e3 * statistics.median(times),
+                floats_per_param=state_floats / n_params)
+
+
+class _NoOpt:
+    """Forward + backward + plain SGD: the task's own share of a step."""
+
+    init = staticmethod(lambda params: optax.EmptyState())
+    update = staticmethod(lambda g, s, p=None: (jax.tree.map(lambda x: -1e-3 * x, g), s))
+
+
+def speed_table(task_names, methods, steps, repeats):
+    print(f"\n## Step time ({steps} steps per jitted scan, median of {repeats}; ratio to "
+          "optax.adam measured in the same process)\n")
+    print("| task | optimizer | step ms | / adam | compile s | / adam | state floats/param |")
+    print("|---|---|---|---|---|---|---|")
+    for name in task_names:
+        task = tasks.get_task(name)
+        params = task.init(jax.random.key(0))
+        base = time_optimizer(task, params, optax.adam(1e-3), steps, repeats)
+        rows = [("task fwd+bwd+sgd", time_optimizer(task, params, _NoOpt, steps, repeats)),
+                ("optax.adam", base)]
+        for method in methods:
+            if method == "nfn" and name not in NFN_TASKS:
+                continue
+            lopt = learned_opt.learned_optimizer(method, params, task.perm_spec)
+            tx = lopt.as_optax(lopt.init(jax.random.key(1)))
+            rows.append((method, time_optimizer(task, params, tx, steps, repeats)))
+        for label, r in rows:
+            print(f"| {name} | {label} | {r['step_ms']:.3f} | {r['step_ms'] / base['step_ms']:.2f}"
+                  f" | {r['compile_s']:.2f} | {r['compile_s'] / base['compile_s']:.1f} | "
+                  f"{r['floats_per_param']:.2f} |", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), help="task names")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), help="learned optimizers")
+    ap.add_argument("--steps", type=int, default=20, help="inner steps per timed scan")
+    ap.add_argument("--repeats", type=int, default=5, help="timed scans (median reported)")
+    ap.add_argument("--counts-only", action="store_true", help="only the count table")
+    args = ap.parse_args()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
+          f"devices {jax.devices()}, numpy {np.__version__}")
+    count_table(args.tasks, args.methods)
+    if not args.counts_only:
+        speed_table(args.tasks, args.methods, args.steps, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Tests of learned-optimizer checkpoints: round trip, other sizes, refusals, corruption."""
+
+import hashlib
+import json
+import os
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_optimizers import mlp_space, random_tree, rnn_space
+
+import learned_opt
+from learned_opt.checkpoint import JSON_FILE, META_FILE, CheckpointError
+from learned_opt.spec import PermSpecError
+
+
+def _saved(tmp_path, name="unf", hidden=5):
+    shapes, spec = mlp_space(hidden=hidden)
+    params = random_tree(0, shapes)
+    lopt = learned_opt.learned_optimizer(name, params, spec)
+    meta = lopt.init(jax.random.key(1))
+    # Non-default values everywhere, so that a load that silently re-initialised would show.
+    meta = jax.tree.map(jnp.add, meta, random_tree(2, jax.tree.map(jnp.shape, meta), 0.1))
+    path = learned_opt.save(tmp_path / "opt", lopt, meta)
+    return path, lopt, meta, params, shapes
+
+
+@pytest.mark.parametrize("name", ["unf", "sgdm"])
+def test_round_trip_gives_bit_identical_updates(tmp_path, name):
+    path, lopt, meta, params, shapes = _saved(tmp_path, name)
+    lopt2, meta2 = learned_opt.load(path)
+    assert lopt2.name == name and lopt2.config == lopt.config
+    assert lopt2.signature == lopt.signature
+    for a, b in zip(jax.tree.leaves(meta), jax.tree.leaves(meta2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    grads = random_tree(3, shapes)
+    outs = []
+    for lo, me in ((lopt, meta), (lopt2, meta2)):
+        update = jax.jit(lo.update)
+        state = lo.init_state(me, params)
+        p = params
+        for _ in range(3):
+            u, state = update(me, state, grads, p)
+            p = optax.apply_updates(p, u)
+        outs.append(p)
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_header_contents(tmp_path):
+    path, lopt, meta, _, _ = _saved(tmp_path)
+    with open(os.path.join(path, JSON_FILE)) as f:
+        header = json.load(f)
+    assert header["name"] == "unf"
+    assert header["config"]["init_alpha"] == 0.1
+    assert header["num_meta_params"] == lopt.num_meta_params()
+    leaf = header["weight_space"][0]
+    assert leaf == {"keys": ["Dense_0", "bias"], "shape": [5], "labels": ["h"]}
+    assert header["library_version"]
+
+
+def test_load_optax_other_sizes_and_other_structures(tmp_path):
+    path, _, _, _, _ = _saved(tmp_path, hidden=5)
+    tx = learned_opt.load_optax(path)
+    shapes, _ = mlp_space(hidden=12)
+    params = random_tree(4, shapes)
+
+    @jax.jit
+    def step(params, opt_state, grads):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    new, _ = step(params, tx.init(params), random_tree(5, shapes))
+    assert jax.tree.map(jnp.shape, new) == jax.tree.map(jnp.shape, params)
+    other, _ = rnn_space()
+    with pytest.raises(PermSpecError, match="leaf 0: expected Dense_0/bias, got b"):
+        tx.init(random_tree(6, other))
+
+
+def test_missing_and_partial(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        learned_opt.load(tmp_path / "nothing")
+    path, *_ = _saved(tmp_path, "sgdm")
+    os.remove(os.path.join(path, META_FILE))
+    with pytest.raises(CheckpointError, match="partial checkpoint.*msgpack is missing"):
+        learned_opt.load(path)
+    os.remove(os.path.join(path, JSON_FILE))
+    with pytest.raises(CheckpointError, match="partial checkpoint.*json is missing"):
+        learned_opt.load_optax(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_meta_params(tmp_path, damage):
+    path, *_ = _saved(tmp_path, "sgdm")
+    mpath = os.path.join(path, META_FILE)
+    blob = bytearray(open(mpath, "rb").read())
+    blob = blob[: len(blob) // 2] if damage == "truncate" else (
+        blob[:-3] + bytes([blob[-3] ^ 0xFF]) + blob[-2:])
+    open(mpath, "wb").write(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupted checkpoint.*SHA-256"):
+        learned_opt.load(path)
+
+
+def test_corrupted_header(tmp_path):
+    path, *_ = _saved(tmp_path, "sgdm")
+    jpath = os.path.join(path, JSON_FILE)
+    text = open(jpath).read()
+    open(jpath, "w").write(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        learned_opt.load(path)
+    header = json.loads(text)
+    del header["weight_space"]
+    open(jpath, "w").write(json.dumps(header))
+    with pytest.raises(CheckpointError, match="weight_space"):
+        learned_opt.load(path)
+
+
+def test_meta_params_that_do_not_fit(tmp_path):
+    path, lopt, meta, _, _ = _saved(tmp_path)
+    # A consistent checkpoint (checksum updated) whose network has the wrong shapes.
+    bad = jax.tree.map(np.asarray, meta)
+    first = sorted(bad["net"])[0]
+    bad["net"][first] = jax.tree.map(lambda x: np.zeros(x.shape + (2,), np.float32),
+                                     bad["net"][first])
+    blob = flax.serialization.msgpack_serialize(bad)
+    open(os.path.join(path, META_FILE), "wb").write(blob)
+    jpath = os.path.join(path, JSON_FILE)
+    header = json.load(open(jpath))
+    header["meta_params_sha256"] = hashlib.sha256(blob).hexdigest()
+    json.dump(header, open(jpath, "w"))
+    with pytest.raises(CheckpointError, match=f"net/{first}.* has shape"):
+        learned_opt.load(path)
+    with pytest.raises(CheckpointError, match="missing meta-parameter log_alpha"):
+        learned_opt.save(tmp_path / "x", lopt, {k: v for k, v in meta.items() if k != "log_alpha"})
+
+
+def test_unsaveable_labels(tmp_path):
+    shapes, _ = mlp_space()
+    params = random_tree(0, shapes)
+    spec = {"Dense_0": {"kernel": (None, 1.5), "bias": (1.5,)},
+            "Dense_1": {"kernel": (1.5, None), "bias": (None,)}}
+    lopt = learned_opt.learned_optimizer("sgdm", params, spec)
+    with pytest.raises(CheckpointError, match="1.5"):
+        learned_opt.save(tmp_path / "x", lopt, lopt.init(jax.random.key(0)))

@@ -1,0 +1,398 @@
+"""Tests of the learned optimizers: equivariance, the nominal rule, sizes, optax, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import learned_opt
+from learned_opt import hand_designed
+from learned_opt.features import build_features, step_embedding, update_momenta
+from learned_opt.optimizers import LearnedOptimizerState, relax_fixed_axes
+from learned_opt.spec import PermSpecError, label_sizes, permute, random_permutations
+
+# ---------------------------------------------------------------- tiny weight spaces
+
+
+def _dense(n_in, n_out, lab_in, lab_out):
+    return ({"kernel": (n_in, n_out), "bias": (n_out,)},
+            {"kernel": (lab_in, lab_out), "bias": (lab_out,)})
+
+
+def mlp_space(hidden=5, n_in=6, n_out=3):
+    """64-32-10-like MLP: input pixels and output classes fixed (None)."""
+    s0, l0 = _dense(n_in, hidden, None, "h")
+    s1, l1 = _dense(hidden, n_out, "h", None)
+    return {"Dense_0": s0, "Dense_1": s1}, {"Dense_0": l0, "Dense_1": l1}
+
+
+def cnn_space():
+    """conv 3x3 (2 -> 4) -> conv 3x3 (4 -> 5) -> pool -> linear 5 -> 3; spatial axes fixed."""
+    shapes = {"Conv_0": {"kernel": (3, 3, 2, 4), "bias": (4,)},
+              "Conv_1": {"kernel": (3, 3, 4, 5), "bias": (5,)},
+              "Dense_0": {"kernel": (5, 3), "bias": (3,)}}
+    spec = {"Conv_0": {"kernel": (None, None, None, "c0"), "bias": ("c0",)},
+            "Conv_1": {"kernel": (None, None, "c0", "c1"), "bias": ("c1",)},
+            "Dense_0": {"kernel": ("c1", None), "bias": (None,)}}
+    return shapes, spec
+
+
+def rnn_space(vocab=7, emb=4, hidden=6):
+    """Embedding -> ReLU RNN with a (h, h) recurrent matrix and learned initial state -> vocab."""
+    shapes = {"embed": (vocab, emb), "w_in": (emb, hidden), "w_rec": (hidden, hidden),
+              "b": (hidden,), "h0": (hidden,), "out": {"kernel": (hidden, vocab), "bias": (vocab,)}}
+    spec = {"embed": (None, "e"), "w_in": ("e", "h"), "w_rec": ("h", "h"), "b": ("h",),
+            "h0": ("h",), "out": {"kernel": ("h", None), "bias": (None,)}}
+    return shapes, spec
+
+
+def transformer_space(vocab=6, d=4, heads=2, head_dim=2, mlp=5):
+    """One pre-LayerNorm block: residual label d, head label, q/k and v/out head-dim labels."""
+    block_shapes = {
+        "ln1": {"scale": (d,), "bias": (d,)},
+        "query": (d, heads, head_dim), "key": (d, heads, head_dim),
+        "value": (d, heads, head_dim), "out": (heads, head_dim, d),
+        "ln2": {"scale": (d,), "bias": (d,)},
+        "fc1": {"kernel": (d, mlp), "bias": (mlp,)}, "fc2": {"kernel": (mlp, d), "bias": (d,)}}
+    block_spec = {
+        "ln1": {"scale": ("d",), "bias": ("d",)},
+        "query": ("d", "heads", "qk"), "key": ("d", "heads", "qk"),
+        "value": ("d", "heads", "v"), "out": ("heads", "v", "d"),
+        "ln2": {"scale": ("d",), "bias": ("d",)},
+        "fc1": {"kernel": ("d", "m"), "bias": ("m",)},
+        "fc2": {"kernel": ("m", "d"), "bias": ("d",)}}
+    shapes = {"embed": (vocab, d), "block_0": block_shapes, "ln_f": {"scale": (d,), "bias": (d,)},
+              "head": {"kernel": (d, vocab), "bias": (vocab,)}}
+    spec = {"embed": (None, "d"), "block_0": block_spec, "ln_f": {"scale": ("d",), "bias": ("d",)},
+            "head": {"kernel": ("d", None), "bias": (None,)}}
+    return shapes, spec
+
+
+SPACES = {"mlp": mlp_space, "cnn": cnn_space, "rnn": rnn_space, "transformer": transformer_space}
+
+
+def is_shape(x):
+    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+
+
+def random_tree(seed, shapes, scale=1.0):
+    """Standard normal float32 leaves (numpy draws: no per-shape compilation)."""
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(scale * rng.standard_normal(s), jnp.float32) for s in leaves])
+
+
+def warm_state(update, lopt, meta, params, seed, steps=2):
+    """A state with non-zero momenta and step > 0 (random gradients)."""
+    state = lopt.init_state(meta, params)
+    for i in range(steps):
+        grads = random_tree(seed + i, jax.tree.map(jnp.shape, params))
+        _, state = update(meta, state, grads, params)
+    return state
+
+
+def permute_state(state, spec, perms):
+    fm = state.feature_momenta
+    return LearnedOptimizerState(
+        step=state.step, momentum=permute(state.momentum, spec, perms),
+        feature_momenta=fm if fm == () else permute(fm, spec, perms))
+
+
+def assert_trees_close(a, b, **kw):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+# ---------------------------------------------------------------- equivariance
+
+EQUIVARIANCE_CASES = [(m, s) for m in ("unf", "unf_deep", "deepset", "nfn") for s in SPACES
+                      if not (m == "nfn" and s in ("rnn", "transformer"))]
+
+
+@pytest.mark.parametrize("method,space", EQUIVARIANCE_CASES)
+def test_update_is_equivariant(method, space):
+    shapes, spec = SPACES[space]()
+    key = jax.random.key(0)
+    params = random_tree(1, shapes, 0.5)
+    lopt = learned_opt.learned_optimizer(method, params, spec)
+    meta = lopt.init(jax.random.fold_in(key, 2))
+    meta["beta"] = jnp.float32(1.0)  # make the network term as large as the momentum term
+    update = jax.jit(lopt.update)
+    state = warm_state(update, lopt, meta, params, 3)
+    grads = random_tree(4, shapes)
+    updates, _ = update(meta, state, grads, params)
+
+    # The network term is really there (otherwise equivariance would be trivial).
+    m = jax.tree.map(lambda m, g: 0.9 * m + g, state.momentum, grads)
+    alpha = float(lopt.nominal(meta)["alpha"])
+    net_term = [np.abs(np.asarray(u) + alpha * np.asarray(mm)).max()
+                for u, mm in zip(jax.tree.leaves(updates), jax.tree.leaves(m), strict=True)]
+    assert max(net_term) > 1e-3 * alpha
+
+    # Permute every label the network is equivariant to (for "relax", the fresh labels of the
+    # fixed axes too: a larger group than the task's, which contains it).
+    perms = random_permutations(jax.random.fold_in(key, 5), label_sizes(params, lopt.net_spec))
+    assert any(not np.array_equal(p, np.arange(len(p))) for p in perms.values())
+    sp = lopt.net_spec
+    p_updates, _ = update(meta, permute_state(state, sp, perms), permute(grads, sp, perms),
+                          permute(params, sp, perms))
+    assert_trees_close(p_updates, permute(updates, sp, perms), rtol=1e-4, atol=1e-6)
+
+
+def test_equivariance_test_can_fail():
+    """A permutation of the parameters alone (not of the state) changes the updates."""
+    shapes, spec = mlp_space()
+    params = random_tree(1, shapes)
+    lopt = learned_opt.learned_optimizer("unf", params, spec)
+    meta = lopt.init(jax.random.key(2))
+    meta["beta"] = jnp.float32(1.0)
+    state = warm_state(lopt.update, lopt, meta, params, 3)
+    grads = random_tree(4, shapes)
+    perms = {"h": jnp.roll(jnp.arange(5), 1)}
+    updates, _ = lopt.update(meta, state, grads, params)
+    wrong, _ = lopt.update(meta, state, permute(grads, spec, perms), permute(params, spec, perms))
+    diff = max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+        jax.tree.leaves(wrong), jax.tree.leaves(permute(updates, spec, perms)), strict=True))
+    assert diff > 1e-4
+
+
+def test_nfn_rejects_other_weight_spaces():
+    shapes, spec = rnn_space()
+    params = random_tree(0, shapes)
+    with pytest.raises(ValueError):
+        learned_opt.learned_optimizer("nfn", params, spec)
+
+
+# ---------------------------------------------------------------- the nominal rule
+
+
+@pytest.mark.parametrize("method", ["unf", "sgdm"])
+def test_beta_zero_is_exactly_sgd_momentum(method):
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes)
+    lopt = learned_opt.learned_optimizer(method, params, spec)
+    meta = lopt.init(jax.random.key(1))
+    if method == "unf":
+        meta["beta"] = jnp.float32(0.0)
+    nom = lopt.nominal(meta)
+    sgd = optax.sgd(nom["alpha"], momentum=nom["decay"])
+    state, sgd_state = lopt.init_state(meta, params), sgd.init(params)
+    p_l = p_s = params
+    for i in range(4):
+        grads = random_tree(10 + i, shapes)
+        u_l, state = lopt.update(meta, state, grads, p_l)
+        u_s, sgd_state = sgd.update(grads, sgd_state, p_s)
+        for a, b in zip(jax.tree.leaves(u_l), jax.tree.leaves(u_s), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        p_l, p_s = optax.apply_updates(p_l, u_l), optax.apply_updates(p_s, u_s)
+
+
+def test_nominal_init_values_and_counts():
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes)
+    for name in learned_opt.list_optimizers():
+        lopt = learned_opt.learned_optimizer(name, params, spec)
+        meta = lopt.init(jax.random.key(0))
+        nom = lopt.nominal(meta)
+        np.testing.assert_allclose(float(nom["alpha"]), 0.1, rtol=1e-6)
+        np.testing.assert_allclose(float(nom["decay"]), 0.9, rtol=1e-6)
+        assert float(nom["beta"]) == (0.0 if name == "sgdm" else 0.001)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(meta))
+    # Per-parameter part: 19 -> 32 -> 32 -> 32 Dense layers (paper: 2,752 weights), plus the
+    # last UNF layer: one 32 x 1 matrix per basis map of every leaf pair, one bias per leaf.
+    unf = learned_opt.learned_optimizer("unf", params, spec)
+    net = unf.net_spec
+    labels = [lab for _, lab in learned_opt.spec_leaves(net)]
+    maps = sum(learned_opt.num_basis_terms(o, i) for o in labels for i in labels)
+    pointwise = (19 * 32 + 32) + 2 * (32 * 32 + 32)
+    assert pointwise == 2752
+    assert unf.num_meta_params() == 3 + pointwise + 32 * maps + len(labels)
+    assert learned_opt.learned_optimizer("sgdm", params).num_meta_params() == 2
+
+
+def test_features():
+    emb = step_embedding(jnp.int32(10), (1.0, 10.0, 100.0))
+    np.testing.assert_allclose(emb, np.tanh([9.0, 0.0, -0.9]), rtol=1e-6)
+    params = {"w": jnp.array([[3.0, -0.5], [0.25, 0.0]])}
+    grads = {"w": jnp.array([[1e-3, -2e-3], [0.0, 4e-3]])}
+    mom = update_momenta({"w": jnp.zeros((2, 2, 2))}, grads, (0.5, 0.9))
+    np.testing.assert_allclose(mom["w"][..., 1], 0.1 * grads["w"], rtol=1e-6)
+    x = build_features(params, grads, mom, jnp.int32(0), (1.0,))["w"]
+    assert x.shape == (2, 2, 5)
+    # Each state channel: clipped to [-1, 1], then unit RMS over the tensor.
+    np.testing.assert_allclose(np.sqrt(np.mean(np.square(x[..., :4]), axis=(0, 1))), 1.0,
+                               rtol=1e-4)
+    clipped = np.clip(np.asarray(params["w"]), -1, 1)
+    np.testing.assert_allclose(x[..., 0], clipped / np.sqrt(np.mean(clipped ** 2)), rtol=1e-5)
+    np.testing.assert_allclose(x[..., 4], np.tanh(-1.0), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- structure and sizes
+
+
+def test_built_on_32_units_updates_128_units():
+    shapes32, spec = mlp_space(hidden=32, n_in=64, n_out=10)
+    shapes128, _ = mlp_space(hidden=128, n_in=64, n_out=10)
+    p32 = random_tree(0, shapes32)
+    p128 = random_tree(1, shapes128)
+    for name in ("unf", "deepset", "nfn", "unf_deep"):
+        small = learned_opt.learned_optimizer(name, p32, spec)
+        meta = small.init(jax.random.key(2))
+        meta["beta"] = jnp.float32(1.0)
+        state = small.init_state(meta, p128)
+        grads = random_tree(3, shapes128)
+        updates, state = small.update(meta, state, grads, p128)
+        assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, p128)
+        # The same function as an optimizer built on the large network directly.
+        big = learned_opt.learned_optimizer(name, p128, spec)
+        ref, _ = big.update(meta, big.init_state(meta, p128), grads, p128)
+        assert_trees_close(updates, ref, rtol=1e-6, atol=1e-7)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_structure_mismatch_names_the_leaf():
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes)
+    lopt = learned_opt.learned_optimizer("unf", params, spec)
+    meta = lopt.init(jax.random.key(1))
+    extra = dict(params, Dense_2={"kernel": jnp.zeros((3, 3)), "bias": jnp.zeros(3)})
+    with pytest.raises(PermSpecError, match="Dense_2"):
+        lopt.init_state(meta, extra)
+    renamed = {"Dense_0": params["Dense_0"], "Other": params["Dense_1"]}
+    with pytest.raises(PermSpecError, match="Dense_1/bias"):
+        lopt.init_state(meta, renamed)
+    rank = jax.tree.map(lambda x: x, params)
+    rank["Dense_1"]["bias"] = jnp.zeros((3, 1))
+    with pytest.raises(PermSpecError, match="Dense_1/bias"):
+        lopt.init_state(meta, rank)
+    sizes = jax.tree.map(lambda x: x, params)
+    sizes["Dense_0"]["bias"] = jnp.zeros(7)  # "h" is 5 in the kernels
+    with pytest.raises(PermSpecError, match="'h'"):
+        lopt.init_state(meta, sizes)
+    # nfn's parameters depend on the fixed input size: a different one is refused.
+    nfn = learned_opt.learned_optimizer("nfn", params, spec)
+    wide, _ = mlp_space(n_in=8)
+    with pytest.raises(PermSpecError, match="Dense_0/kernel axis 0"):
+        nfn.init_state(nfn.init(jax.random.key(0)), random_tree(0, wide))
+
+
+def test_bad_options():
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes)
+    with pytest.raises(ValueError, match="unknown learned optimizer 'adamw'"):
+        learned_opt.learned_optimizer("adamw", params, spec)
+    with pytest.raises(ValueError, match="fixed_axes"):
+        learned_opt.learned_optimizer("unf", params, spec, fixed_axes="nope")
+    with pytest.raises(ValueError, match="hiden_features"):
+        learned_opt.learned_optimizer("unf", params, spec, hiden_features=3)
+    with pytest.raises(PermSpecError, match="Dense_1/kernel"):
+        bad = {"Dense_0": spec["Dense_0"], "Dense_1": {"kernel": ("h",), "bias": (None,)}}
+        learned_opt.learned_optimizer("unf", params, bad)
+
+
+def test_relax_and_channels_counts():
+    """relax: count independent of every size; channels: fixed sizes enter the count."""
+    counts = {}
+    for n_in, hidden in ((6, 5), (9, 11)):
+        shapes, spec = mlp_space(hidden=hidden, n_in=n_in)
+        params = random_tree(0, shapes)
+        for mode in ("relax", "channels"):
+            lopt = learned_opt.learned_optimizer("unf", params, spec, fixed_axes=mode)
+            counts[mode, n_in, hidden] = lopt.num_meta_params()
+    assert counts["relax", 6, 5] == counts["relax", 9, 11]
+    assert counts["channels", 6, 5] != counts["channels", 9, 11]
+    relaxed = relax_fixed_axes(mlp_space()[1])
+    assert relaxed["Dense_0"]["kernel"] == ("fixed:Dense_0/kernel:0", "h")
+
+
+def test_vmap_over_population_matches_loop():
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes)
+    lopt = learned_opt.learned_optimizer("unf", params, spec)
+    metas = [lopt.init(jax.random.key(i)) for i in range(3)]
+    for i, m in enumerate(metas):
+        m["beta"] = jnp.float32(0.5 + i)
+    grads = [random_tree(10 + i, shapes) for i in range(3)]
+    states = [lopt.init_state(m, params) for m in metas]
+    stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+    batched, _ = jax.jit(jax.vmap(lopt.update, in_axes=(0, 0, 0, 0)))(
+        stack(metas), stack(states), stack(grads), stack([params] * 3))
+    for i in range(3):
+        single, _ = lopt.update(metas[i], states[i], grads[i], params)
+        assert_trees_close(jax.tree.map(lambda x, i=i: x[i], batched), single,
+                           rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- optax
+
+
+def test_as_optax_requires_params_and_composes():
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes)
+    lopt = learned_opt.learned_optimizer("deepset", params, spec)
+    meta = lopt.init(jax.random.key(1))
+    tx = lopt.as_optax(meta)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    grads = random_tree(2, shapes)
+    with pytest.raises(ValueError, match="needs the current parameters"):
+        tx.update(grads, tx.init(params))
+    # Weight decay on kernels only, inside a jitted step.
+    mask = jax.tree.map(lambda x: x.ndim == 2, params)
+    chain = optax.chain(optax.clip_by_global_norm(1.0),
+                        optax.masked(optax.add_decayed_weights(1e-2), mask), tx)
+    u, _ = jax.jit(chain.update)(grads, chain.init(params), params)
+    clipped = optax.clip_by_global_norm(1.0).update(grads, None)[0]
+    decayed = jax.tree.map(lambda g, p, k: g + 1e-2 * p * k, clipped, params, mask)
+    ref, _ = lopt.update(meta, lopt.init_state(meta, params), decayed, params)
+    assert_trees_close(u, ref, rtol=1e-5, atol=1e-7)
+    # The learned optimizer itself cannot be masked: its network needs the whole weight space.
+    with pytest.raises(PermSpecError, match="masked"):
+        optax.masked(tx, mask).init(params)
+
+
+def test_as_optax_trains_mlp_task():
+    import tasks
+
+    task = tasks.get_task("mlp_fmnist_tiny")
+    params = task.init(jax.random.key(0))
+    lopt = learned_opt.learned_optimizer("unf", params, task.perm_spec)
+    # Random meta-parameters near the initialisation (an ES population member).
+    meta = lopt.init(jax.random.key(1))
+    noise = random_tree(2, jax.tree.map(jnp.shape, meta), 0.01)
+    meta = jax.tree.map(jnp.add, meta, noise)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), lopt.as_optax(meta))
+
+    @jax.jit
+    def step(params, opt_state, key):
+        batch = task.sample_batch(key)
+        loss, grads = jax.value_and_grad(task.loss)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    losses = []
+    for i in range(150):
+        params, opt_state, loss = step(params, opt_state, jax.random.key(100 + i))
+        losses.append(float(loss))
+    first, last = np.mean(losses[:15]), np.mean(losses[-15:])
+    assert first > math.log(10) * 0.8
+    assert last < 0.8 * first, (first, last)
+
+
+def test_hand_designed_baselines():
+    shapes, _ = mlp_space()
+    params = random_tree(0, shapes)
+    grads = random_tree(1, shapes)
+    for name, grid in hand_designed.LR_GRIDS.items():
+        assert list(grid) == sorted(grid) and len(grid) >= 5
+        tx = hand_designed.get(name, grid[0])
+        u, _ = tx.update(grads, tx.init(params), params)
+        assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
+    u, _ = hand_designed.sgdm(0.1).update(grads, hand_designed.sgdm(0.1).init(params))
+    assert_trees_close(u, jax.tree.map(lambda g: -0.1 * g, grads), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        hand_designed.get("lion", 0.1)
