@@ -1,0 +1,98 @@
+"""Command line of ``scripts/meta_train.py``: one flag per ``MetaTrainConfig`` field.
+
+Example:
+  >>> cfg, given = parse_args(["--task", "mlp_fmnist", "--population", "8", "--task-arg",
+  ...                          "hidden_sizes=[16]"])
+  >>> cfg.population, cfg.task_args, sorted(given)
+  (8, {'hidden_sizes': [16]}, ['population', 'task', 'task_args'])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from meta_train.config import ConfigError, MetaTrainConfig
+
+_SINGULAR = {"task_args": "task-arg", "optimizer_args": "optimizer-arg"}
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a plain string
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meta_train.py",
+        description="Meta-train a learned optimizer on one task with PES or ES (evosax). "
+        "Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/wandb/ and the "
+        "final optimizer OUT/optimizer (learned_opt.load_optax reads it).",
+    )
+    for f in dataclasses.fields(MetaTrainConfig):
+        help_text = f.metadata["help"]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name in _SINGULAR:
+            parser.add_argument(f"--{_SINGULAR[f.name]}", dest=f.name, type=_key_value,
+                                action="append", default=None, metavar="KEY=VALUE",
+                                help=f"{help_text} (repeatable)")
+        elif f.name == "resume":
+            parser.add_argument("--resume", dest="resume", action="store_const", const=True,
+                                default=None, help=help_text)
+        elif f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction,
+                                help=f"{help_text} (default: {default})")
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            choices = {
+                "estimator": ("pes", "es"),
+                "objective": ("mean", "final"),
+                "fitness_shaping": ("raw", "centered_rank"),
+                "wandb": ("online", "offline", "disabled"),
+            }.get(f.name)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
+                                default=None, choices=choices,
+                                help=f"{help_text} (default: {default})")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[MetaTrainConfig, set[str]]:
+    """Parse flags into a config; also returns the names of the options given explicitly."""
+    parser = make_parser()
+    args = vars(parser.parse_args(argv))
+    given = {k: v for k, v in args.items() if v is not None}
+    for name in _SINGULAR:
+        if name in given:
+            given[name] = dict(given[name])
+    try:
+        config = MetaTrainConfig(**given)
+    except ConfigError as e:
+        parser.error(str(e))
+    return config, set(given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, check everything that can fail early, then train."""
+    config, given = parse_args(argv)
+    from meta_train.train import meta_train  # slow imports (jax, tasks) after parsing
+
+    try:
+        result = meta_train(config, progress=True, given=given)
+    except (ConfigError, FileNotFoundError) as e:  # FileNotFoundError: task data missing
+        print(f"meta_train.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    last = result.history[-1] if result.history else {}
+    loss = last.get("meta_loss", float("nan"))
+    print(f"done: {result.steps_done} outer steps; meta_loss {loss:.4f}; optimizer saved to "
+          f"{result.run_dir / 'optimizer'}")
+    return 0

@@ -1,0 +1,116 @@
+"""The typed configuration of a meta-training run (saved as ``DIR/config.json``).
+
+Every field is a command-line flag of ``scripts/meta_train.py`` (``--outer-steps`` for
+``outer_steps``); its help text is the field's ``help`` metadata.
+
+Example:
+  >>> cfg = MetaTrainConfig(task="mlp_fmnist", optimizer="unf", outer_steps=10)
+  >>> cfg.estimator, cfg.population, cfg.std
+  ('pes', 16, 0.01)
+  >>> MetaTrainConfig.from_json(cfg.to_json()) == cfg
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A meta-training option is invalid or incompatible with another one."""
+
+
+def _field(default, help: str, **kw):
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTrainConfig:
+    """Options of one meta-training run; see each field's ``help``."""
+
+    task: str = _field("mlp_fmnist", "task name (tasks.list_tasks())")
+    task_args: dict = _field({}, "task config overrides, KEY=VALUE (VALUE parsed as JSON)")
+    optimizer: str = _field("unf", "learned optimizer method (learned_opt.list_optimizers())")
+    optimizer_args: dict = _field({}, "learned optimizer config overrides, KEY=VALUE")
+    estimator: str = _field("pes", "meta-gradient estimator: pes (truncated) or es (full unroll)")
+    population: int = _field(16, "number of perturbed inner runs (even: antithetic pairs)")
+    truncation: int = _field(20, "K: inner steps per outer step (pes)")
+    horizon: int = _field(200, "T: inner steps of an episode (a multiple of K for pes)")
+    outer_steps: int = _field(1000, "number of outer (meta-parameter) updates")
+    outer_lr: float = _field(1e-2, "learning rate of the outer Adam")
+    clip: float = _field(1.0, "global-norm clipping of the ES gradient before Adam")
+    std: float = _field(0.01, "perturbation standard deviation")
+    objective: str = _field("mean", "meta-objective: mean (training loss over each unroll) or "
+                            "final (training loss at the end of the horizon)")
+    fitness_shaping: str = _field("raw", "raw or centered_rank")
+    loss_cap: float = _field(0.0, "per-step inner loss cap (NaN/inf count as the cap); 0: 3x "
+                             "the task's mean initial loss, measured at start")
+    seed: int = _field(0, "seed: fixes meta-initialisation, perturbations, task inits and data")
+    shard: bool = _field(True, "shard the population over all devices (1-D mesh)")
+    out: str = _field("runs/meta_train", "run directory (config, metrics, checkpoints, optimizer)")
+    resume: bool = _field(False, "continue the run in --out from its latest checkpoint")
+    checkpoint_every: int = _field(100, "save a training checkpoint every N outer steps")
+    wandb: str = _field("offline", "wandb mode: online, offline or disabled")
+    wandb_project: str = _field("learned-opt", "wandb project name")
+
+    def __post_init__(self):
+        for name in ("population", "truncation", "horizon", "outer_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.population % 2:
+            raise ConfigError(
+                f"population must be even (antithetic pairs i, i+N/2), got {self.population}"
+            )
+        if self.estimator not in ("pes", "es"):
+            raise ConfigError(f"estimator must be 'pes' or 'es', got {self.estimator!r}")
+        if self.estimator == "pes" and self.horizon % self.truncation:
+            raise ConfigError(
+                f"horizon ({self.horizon}) must be a multiple of truncation ({self.truncation})"
+            )
+        if self.objective not in ("mean", "final"):
+            raise ConfigError(f"objective must be 'mean' or 'final', got {self.objective!r}")
+        if self.fitness_shaping not in ("raw", "centered_rank"):
+            raise ConfigError(
+                f"fitness_shaping must be 'raw' or 'centered_rank', got {self.fitness_shaping!r}"
+            )
+        if self.estimator == "pes" and self.objective == "final" and (
+            self.fitness_shaping != "raw"
+        ):
+            raise ConfigError(
+                "objective 'final' with estimator 'pes' needs fitness_shaping 'raw' (only the "
+                "truncations that end an episode are scored)"
+            )
+        if self.wandb not in ("online", "offline", "disabled"):
+            raise ConfigError(
+                f"wandb must be 'online', 'offline' or 'disabled', got {self.wandb!r}"
+            )
+        if not self.std > 0 or not self.outer_lr > 0 or not self.clip > 0:
+            raise ConfigError("std, outer_lr and clip must be positive")
+        if self.loss_cap < 0:
+            raise ConfigError(f"loss_cap must be >= 0 (0: automatic), got {self.loss_cap}")
+
+    # Fields that define the trajectory: a resumed run must keep them.
+    RUN_FIELDS = (
+        "task", "task_args", "optimizer", "optimizer_args", "estimator", "population",
+        "truncation", "horizon", "outer_lr", "clip", "std", "objective", "fitness_shaping",
+        "loss_cap", "seed",
+    )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MetaTrainConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> MetaTrainConfig:
+        return dataclasses.replace(self, **changes)

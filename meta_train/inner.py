@@ -1,0 +1,182 @@
+"""The inner problem: a population of task training runs driven by a learned optimizer.
+
+This module knows nothing about estimators. It advances ``N`` inner runs (task parameters,
+optimizer state, step counter, data key) by ``K`` steps, each member with its own
+meta-parameters: ``vmap`` over members, ``lax.scan`` over steps, batches sampled inside the jit
+with ``task.sample_batch``. Estimators (``meta_train.estimators``) decide which meta-parameters
+each member gets, when members reset, and how the losses become a fitness.
+
+Antithetic pairs: member ``i`` and member ``i + N/2`` always share their task initialisation and
+their batches (both are derived from the pair index ``i mod N/2``), so the difference of their
+losses measures the perturbation, not the data.
+
+Example:
+  >>> import jax, tasks, learned_opt
+  >>> task = tasks.get_task("mlp_fmnist_tiny")                       # doctest: +SKIP
+  >>> lopt = learned_opt.learned_optimizer("sgdm", task.init(jax.random.PRNGKey(0)))  # +SKIP
+  >>> problem = InnerProblem(task, lopt, loss_cap=10.0)               # doctest: +SKIP
+  >>> meta = lopt.init(jax.random.PRNGKey(1))                          # doctest: +SKIP
+  >>> pop = jax.tree.map(lambda x: jnp.stack([x] * 4), meta)           # doctest: +SKIP
+  >>> state = problem.init(meta, 4)                                    # doctest: +SKIP
+  >>> state = problem.reset(pop, state, jnp.ones(4, bool), jax.random.PRNGKey(2), 20)  # +SKIP
+  >>> state, out = problem.unroll(pop, state, 10)                      # doctest: +SKIP
+  >>> out.losses.shape                                                 # doctest: +SKIP
+  (4, 10)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class InnerState(NamedTuple):
+    """A population of inner training runs; every field has a leading member axis ``N``."""
+
+    params: PyTree  # task parameters
+    opt_state: PyTree  # learned-optimizer state
+    step: jax.Array  # int32 [N]: inner steps taken since the last reset
+    length: jax.Array  # int32 [N]: horizon of the current episode (its reset comes at step==length)
+    data_key: jax.Array  # uint32 [N, 2]: the batch of step s is sample_batch(fold_in(key, s))
+
+
+class UnrollOutput(NamedTuple):
+    """What ``InnerProblem.unroll`` reports for each member and inner step."""
+
+    losses: jax.Array  # float32 [N, K]: training loss, non-finite or huge values capped
+    nonfinite: jax.Array  # bool [N, K]: the raw training loss was NaN or infinite
+    capped: jax.Array  # bool [N, K]: the loss was replaced by the cap (non-finite included)
+
+
+def pair_keys(key: jax.Array, num_members: int) -> jax.Array:
+    """One key per member such that members ``i`` and ``i + N/2`` get the same key."""
+    half = num_members // 2
+    pair = jnp.arange(num_members) % half
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(pair)
+
+
+def cap_loss(loss: jax.Array, cap: float | jax.Array) -> jax.Array:
+    """Bounded penalty: NaN/inf and losses above ``cap`` become ``cap``."""
+    return jnp.where(jnp.isfinite(loss), jnp.minimum(loss, cap), cap)
+
+
+class InnerProblem:
+    """Advance a population of inner runs of ``task`` trained by ``lopt``.
+
+    Args:
+      task: a task (``init``, ``loss``, ``sample_batch``).
+      lopt: a learned optimizer (``init_state``, ``update``).
+      loss_cap: every per-step training loss is clipped to this value, NaN/inf included, so a
+        diverging member gives a bounded, finite fitness.
+    """
+
+    def __init__(self, task, lopt, loss_cap: float):
+        self.task = task
+        self.lopt = lopt
+        self.loss_cap = float(loss_cap)
+
+    def init(self, meta_params: PyTree, num_members: int) -> InnerState:
+        """A population of placeholder runs that are all due for a reset (step == length == 0).
+
+        The placeholders fix shapes and dtypes (for jit and checkpoints); the first ``reset``
+        replaces them with fresh task initialisations.
+        """
+        def one():
+            params = self.task.init(jax.random.PRNGKey(0))
+            return params, self.lopt.init_state(meta_params, params)
+
+        # Shapes only (no computation): the values are placeholders.
+        params, opt_state = jax.eval_shape(one)
+        zeros = lambda x: jnp.zeros((num_members, *x.shape), x.dtype)
+        return InnerState(
+            params=jax.tree.map(zeros, params),
+            opt_state=jax.tree.map(zeros, opt_state),
+            step=jnp.zeros(num_members, jnp.int32),
+            length=jnp.zeros(num_members, jnp.int32),
+            data_key=jnp.zeros((num_members, 2), jnp.uint32),
+        )
+
+    def fresh(self, meta_params: PyTree, key: jax.Array, length: jax.Array) -> InnerState:
+        """Fresh runs: new task initialisation and data key per antithetic pair.
+
+        Args:
+          meta_params: population of meta-parameters (leading axis N), used by ``init_state``.
+          key: the reset key; member ``i`` uses ``fold_in(key, i mod N/2)``.
+          length: int [N] horizons of the new episodes.
+        """
+        num = jnp.shape(length)[0]
+        keys = pair_keys(key, num)
+
+        def one(mp, k, n):
+            k_init, k_data = jax.random.split(k)
+            params = self.task.init(k_init)
+            return InnerState(
+                params=params,
+                opt_state=self.lopt.init_state(mp, params),
+                step=jnp.zeros((), jnp.int32),
+                length=jnp.asarray(n, jnp.int32),
+                data_key=k_data,
+            )
+
+        return jax.vmap(one)(meta_params, keys, length)
+
+    def reset(
+        self,
+        meta_params: PyTree,
+        state: InnerState,
+        done: jax.Array,
+        key: jax.Array,
+        length: jax.Array | int,
+    ) -> InnerState:
+        """Replace the members where ``done`` is true by fresh runs with horizon ``length``."""
+        num = state.step.shape[0]
+        length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (num,))
+        new = self.fresh(meta_params, key, length)
+
+        def pick(a, b):
+            mask = done.reshape((num,) + (1,) * (a.ndim - 1))
+            return jnp.where(mask, a, b)
+
+        return jax.tree.map(pick, new, state)
+
+    def step_one(self, meta_params: PyTree, state: InnerState) -> tuple[InnerState, jax.Array]:
+        """One inner training step of a single member (no member axis). Returns the raw loss."""
+        batch = self.task.sample_batch(jax.random.fold_in(state.data_key, state.step), "train")
+        loss, grads = jax.value_and_grad(self.task.loss)(state.params, batch)
+        updates, opt_state = self.lopt.update(meta_params, state.opt_state, grads, state.params)
+        params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+        return state._replace(params=params, opt_state=opt_state, step=state.step + 1), loss
+
+    def unroll(
+        self, meta_params: PyTree, state: InnerState, num_steps: int
+    ) -> tuple[InnerState, UnrollOutput]:
+        """Advance every member by ``num_steps`` steps with its own meta-parameters.
+
+        Args:
+          meta_params: meta-parameters with a leading member axis N.
+          state: the population's inner state.
+          num_steps: K (static).
+
+        Returns:
+          The new state and the capped per-step losses with the non-finite flags, shape [N, K].
+        """
+
+        def member(mp, st):
+            def body(s, _):
+                s, loss = self.step_one(mp, s)
+                return s, loss
+
+            st, losses = jax.lax.scan(body, st, None, length=num_steps)
+            return st, losses
+
+        state, raw = jax.vmap(member)(meta_params, state)
+        out = UnrollOutput(
+            losses=cap_loss(raw, self.loss_cap),
+            nonfinite=~jnp.isfinite(raw),
+            capped=~(raw < self.loss_cap),  # NaN compares False: counted as capped
+        )
+        return state, out

@@ -1,0 +1,78 @@
+"""Metrics to ``DIR/metrics.jsonl`` and, unless disabled, to wandb (offline by default).
+
+wandb runs in ``DIR/wandb`` (offline runs can be uploaded later with ``wandb sync``); the run id
+is kept in ``DIR/wandb_id.txt`` so that a resumed run continues the same wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+
+def _jsonable(v: Any) -> Any:
+    v = float(v) if not isinstance(v, (int, str, bool)) else v
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; None = "not measured at this step"
+    return v
+
+
+class MetricsLogger:
+    """Append one JSON line per outer step; mirror it to wandb.
+
+    Args:
+      run_dir: the run directory.
+      config: a JSON-able dict logged once as the run's config.
+      mode: wandb mode, ``online``, ``offline`` or ``disabled``.
+      resume_step: when resuming after ``resume_step`` outer steps, lines of later steps (written
+        after that checkpoint, before an interruption) are dropped so the file matches the state.
+      project: wandb project.
+    """
+
+    def __init__(self, run_dir, config: dict, mode: str = "offline",
+                 resume_step: int | None = None, project: str = "learned-opt"):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is None or not self.path.exists():
+            self.path.write_text("")
+        else:
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] < resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self._file = self.path.open("a")
+        self.run = None
+        if mode != "disabled":
+            import wandb  # slow import: only when used
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            id_path = Path(run_dir) / "wandb_id.txt"
+            if resume_step is not None and id_path.exists():
+                run_id = id_path.read_text().strip()
+            else:
+                run_id = secrets.token_hex(4)
+                id_path.write_text(run_id)
+            self.run = wandb.init(project=project, dir=str(run_dir), mode=mode, config=config,
+                                  id=run_id, resume="allow", name=Path(run_dir).name)
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": int(step)} | {k: _jsonable(v) for k, v in metrics.items()}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if k != "step" and v is not None},
+                         step=int(step))
+
+    def close(self) -> None:
+        self._file.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """All rows of ``DIR/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

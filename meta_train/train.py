@@ -1,0 +1,356 @@
+"""Meta-training loop: build task, optimizer and estimator from a config, run, checkpoint, log.
+
+Example (a few seconds on a CPU):
+  >>> from meta_train import MetaTrainConfig, meta_train
+  >>> cfg = MetaTrainConfig(task="mlp_fmnist_tiny", optimizer="sgdm", population=4,
+  ...                       truncation=5, horizon=20, outer_steps=3, wandb="disabled",
+  ...                       out="/tmp/doc_run")                              # doctest: +SKIP
+  >>> result = meta_train(cfg, progress=False)                              # doctest: +SKIP
+  >>> sorted(result.lopt.nominal(result.meta_params))                       # doctest: +SKIP
+  ['alpha', 'beta', 'decay']
+
+Reproducibility: the key of outer step ``t`` is ``fold_in(fold_in(PRNGKey(seed), 2), t)``, so a
+run interrupted after any step and resumed from its checkpoint ends with the same
+meta-parameters as an uninterrupted one.
+
+Scale: the population axis of the inner runs is sharded over a 1-D device mesh (axis ``pop``)
+with ``jax.sharding.NamedSharding``; the estimator state is replicated. With
+``jax.distributed.initialize()`` called first, ``jax.devices()`` spans every host and the same
+code shards the population across hosts (see docs/meta_train.md; multi-host is untested here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import learned_opt
+import tasks
+from meta_train import checkpoint
+from meta_train.config import ConfigError, MetaTrainConfig
+from meta_train.estimators import ESTIMATORS, EstimatorState, outer_optimizer
+from meta_train.inner import InnerProblem
+from meta_train.tracking import MetricsLogger
+
+PyTree = Any
+
+
+class Setup(NamedTuple):
+    """Everything built from a config (``build``); reusable across runs of the same config."""
+
+    config: MetaTrainConfig  # with ``loss_cap`` resolved
+    task: Any
+    lopt: Any
+    estimator: Any  # meta_train.estimators.PES or FullES
+    mesh: Mesh
+    init_meta_params: PyTree
+    shardings: EstimatorState  # of the estimator state: replicated, inner runs sharded
+    step_fn: Any  # jitted (state, key, t) -> (state, metrics); compiled on first call
+
+
+class MetaTrainResult(NamedTuple):
+    lopt: Any
+    meta_params: PyTree
+    history: list[dict]
+    run_dir: Path
+    steps_done: int
+
+
+def step_key(seed: int, t) -> jax.Array:
+    """The key of outer step ``t``: a function of (seed, t) only."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 2), t)
+
+
+def build_task(config: MetaTrainConfig):
+    names = tasks.list_tasks()
+    if config.task not in names:
+        raise ConfigError(f"unknown task {config.task!r}; choose one of {names}")
+    try:
+        return tasks.get_task(config.task, **config.task_args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"task {config.task!r} rejected task_args {config.task_args}: {e}") from e
+
+
+def build_optimizer(config: MetaTrainConfig, task):
+    names = learned_opt.list_optimizers()
+    if config.optimizer not in names:
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of {names}")
+    params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+    try:
+        return learned_opt.learned_optimizer(
+            config.optimizer, params, task.perm_spec, **config.optimizer_args
+        )
+    except (ValueError, NotImplementedError) as e:  # PermSpecError is a ValueError
+        raise ConfigError(
+            f"optimizer {config.optimizer!r} cannot be used with task {config.task!r} "
+            f"(its weight space): {e}"
+        ) from e
+
+
+def make_mesh(population: int, shard: bool = True, devices=None) -> Mesh:
+    """A 1-D mesh (axis ``pop``) over ``devices`` (default all), or the first one if not ``shard``.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    devices = devices if shard else devices[:1]
+    if population % len(devices):
+        raise ConfigError(
+            f"population ({population}) must be divisible by the number of devices "
+            f"({len(devices)}) to shard it; change --population or pass --no-shard"
+        )
+    return Mesh(np.array(devices), ("pop",))
+
+
+def initial_loss(task, seed: int, num: int = 4) -> float:
+    """Mean training loss of ``num`` fresh task initialisations on one batch each."""
+
+    def one(k):
+        k1, k2 = jax.random.split(k)
+        return task.loss(task.init(k1), task.sample_batch(k2, "train"))
+
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 3), num)
+    return float(jnp.mean(jax.jit(jax.vmap(one))(keys)))
+
+
+def build(config: MetaTrainConfig) -> Setup:
+    """Check the config against the task, optimizer and devices, and build the estimator.
+
+    Raises:
+      ConfigError: with a message naming the bad option.
+    """
+    mesh = make_mesh(config.population, config.shard)  # cheap checks first
+    task = build_task(config)
+    lopt = build_optimizer(config, task)
+    if config.loss_cap == 0:
+        cap = 3.0 * initial_loss(task, config.seed)
+        if not math.isfinite(cap) or cap <= 0:
+            raise ConfigError(f"could not set loss_cap automatically (initial loss {cap / 3})")
+        config = config.replace(loss_cap=float(f"{cap:.6g}"))
+    problem = InnerProblem(task, lopt, config.loss_cap)
+    meta0 = lopt.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0))
+    member_sharding = NamedSharding(mesh, PartitionSpec("pop")) if mesh.size > 1 else None
+    estimator = ESTIMATORS[config.estimator](
+        problem,
+        meta0,
+        population=config.population,
+        truncation=config.truncation,
+        horizon=config.horizon,
+        std=config.std,
+        optimizer=outer_optimizer(config.outer_lr, config.clip),
+        objective=config.objective,
+        fitness_shaping=config.fitness_shaping,
+        member_sharding=member_sharding,
+    )
+    template = jax.eval_shape(estimator.init, jax.random.PRNGKey(0), meta0)
+    shardings = state_shardings(mesh, template)
+    step_fn = make_step_fn(estimator, lopt, mesh, shardings)
+    return Setup(config, task, lopt, estimator, mesh, meta0, shardings, step_fn)
+
+
+def state_shardings(mesh: Mesh, state: EstimatorState) -> EstimatorState:
+    """Estimator state replicated; inner runs sharded along their member axis."""
+    repl = NamedSharding(mesh, PartitionSpec())
+    member = NamedSharding(mesh, PartitionSpec("pop"))
+    return EstimatorState(
+        es=jax.tree.map(lambda _: repl, state.es),
+        inner=jax.tree.map(lambda _: member, state.inner),
+    )
+
+
+def _strong(tree: PyTree) -> PyTree:
+    # Weakly-typed scalars (e.g. evosax's std) would change the jit signature after one step.
+    return jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.asarray(x).dtype), tree)
+
+
+def make_step_fn(estimator, lopt, mesh: Mesh, shardings: EstimatorState):
+    """The jitted outer step ``(state, key, t) -> (state, metrics)``, metrics with nominal values.
+    """
+
+    def train_step(state, key, t):
+        state, metrics = estimator.step(state, key, t)
+        metrics = metrics | lopt.nominal(estimator.mean(state))
+        return _strong(state), metrics
+
+    repl = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, repl, repl),
+        out_shardings=(shardings, repl),
+    )
+
+
+def init_state(setup: Setup, meta_params: PyTree | None = None) -> EstimatorState:
+    """The estimator state before the first outer step, placed on the mesh.
+
+    Args:
+      setup: from ``build``.
+      meta_params: initial meta-parameters (default: the optimizer's init for this seed).
+    """
+    meta = setup.init_meta_params if meta_params is None else meta_params
+    key = jax.random.fold_in(jax.random.PRNGKey(setup.config.seed), 1)
+    state = setup.estimator.init(key, meta)
+    return jax.device_put(jax.device_get(_strong(state)), setup.shardings)
+
+
+def run_steps(setup: Setup, state: EstimatorState, start: int, stop: int) -> EstimatorState:
+    """Advance ``state`` from outer step ``start`` to ``stop`` (no logging)."""
+    for t in range(start, stop):
+        state, _ = setup.step_fn(state, step_key(setup.config.seed, t), jnp.int32(t))
+    return state
+
+
+def _resume_step(config: MetaTrainConfig) -> int | None:
+    """Check ``--out``/``--resume``; returns the step to resume from (None: a new run)."""
+    run_dir = Path(config.out)
+    meta = checkpoint.latest(run_dir)
+    if not config.resume:
+        if meta is not None:
+            raise ConfigError(
+                f"{run_dir} already holds a run (checkpoint at step {meta['step']}); pass "
+                "--resume to continue it or choose another --out"
+            )
+        return None
+    if meta is None:
+        print(f"--resume: no checkpoint in {run_dir}, starting a new run")
+        return None
+    return int(meta["step"])
+
+
+def _check_same_run(built: MetaTrainConfig, config: MetaTrainConfig) -> None:
+    for name in MetaTrainConfig.RUN_FIELDS + ("shard",):
+        a, b = getattr(built, name), getattr(config, name)
+        if a != b and not (name == "loss_cap" and b == 0):
+            raise ConfigError(f"setup was built with {name}={a!r}, the config has {b!r}")
+
+
+def _resolve_resume(config: MetaTrainConfig, given: set[str] | None) -> MetaTrainConfig:
+    """Merge a resumed run's stored config with the flags given now (``given`` = their names).
+
+    Flags that define the trajectory must match the stored ones; the others (outer_steps,
+    checkpoint_every, wandb, ...) may change.
+    """
+    stored = MetaTrainConfig.from_json((Path(config.out) / "config.json").read_text())
+    given = set(given or ())
+    for name in MetaTrainConfig.RUN_FIELDS:
+        if name in given and getattr(config, name) != getattr(stored, name):
+            raise ConfigError(
+                f"--resume: {name}={getattr(config, name)!r} differs from the run's "
+                f"{getattr(stored, name)!r} in {Path(config.out) / 'config.json'}"
+            )
+    free = {f.name: getattr(config, f.name) for f in dataclasses.fields(MetaTrainConfig)
+            if f.name not in MetaTrainConfig.RUN_FIELDS}
+    return stored.replace(**free)
+
+
+def meta_train(config: MetaTrainConfig, progress: bool = True,
+               given: set[str] | None = None, setup: Setup | None = None) -> MetaTrainResult:
+    """Run (or resume) meta-training as ``config`` says; returns the final meta-parameters.
+
+    Args:
+      config: the run's options; ``config.out`` is the run directory.
+      progress: show a tqdm bar with the meta-loss and an ETA.
+      given: names of the options the user set explicitly (the CLI passes them) so that a
+        resumed run can reject changes to trajectory-defining options.
+      setup: a ``build`` result to reuse (its compiled step included); it must have been built
+        from a config with the same trajectory-defining options.
+
+    Writes ``DIR/config.json``, ``DIR/metrics.jsonl``, ``DIR/checkpoints/``, ``DIR/wandb/`` and
+    the final ``DIR/optimizer`` (``learned_opt.save`` format). On Ctrl-C, saves a checkpoint of
+    the last completed step and re-raises ``KeyboardInterrupt``.
+    """
+    run_dir = Path(config.out)
+    resume_step = _resume_step(config)
+    if resume_step is not None:
+        config = _resolve_resume(config, given)
+    if setup is None:
+        setup = build(config)
+    else:
+        _check_same_run(setup.config, config)
+    config = config.replace(loss_cap=setup.config.loss_cap)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json())
+
+    state = init_state(setup)
+    start = 0
+    if resume_step is not None:
+        start, state = checkpoint.restore(run_dir, state)
+        state = jax.device_put(state, setup.shardings)
+    step_fn = setup.step_fn
+    per_step = setup.estimator.inner_steps_per_outer_step()
+
+    logger = MetricsLogger(run_dir, dataclasses.asdict(config), config.wandb, resume_step,
+                           config.wandb_project)
+    history: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.outer_steps, initial=start, desc="meta-train", unit="step",
+                   dynamic_ncols=True)
+
+    def save(step, st):
+        checkpoint.save(run_dir, step, st, config.to_json(), config.seed)
+
+    ema, done = None, start
+    pending = None  # (t, metrics, t_dispatch): fetched one step later so the device stays busy
+    last = time.perf_counter()
+
+    def flush(p):
+        nonlocal ema, last
+        t, metrics = p
+        row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        row["inner_steps_per_s"] = per_step / max(now - last, 1e-9)
+        row["wall_s"] = now - last
+        last = now
+        ema = row["meta_loss"] if ema is None else 0.95 * ema + 0.05 * row["meta_loss"]
+        logger.log(t, row)
+        history.append({"step": t} | row)
+        if bar is not None:
+            bar.set_postfix(meta_loss=f"{ema:.4f}", alpha=f"{row['alpha']:.3g}")
+            bar.update(1)
+
+    try:
+        for t in range(start, config.outer_steps):
+            new_state, metrics = step_fn(state, step_key(config.seed, t), jnp.int32(t))
+            if pending is not None:
+                flush(pending)
+                pending = None
+            state, done = new_state, t + 1
+            pending = (t, metrics)
+            if done % config.checkpoint_every == 0 and done < config.outer_steps:
+                save(done, state)
+        if pending is not None:
+            flush(pending)
+            pending = None
+    except KeyboardInterrupt:
+        save(done, state)  # first: the state of every completed step
+        if pending is not None:  # metrics of the last completed step, if not yet written
+            try:
+                flush(pending)
+            except KeyboardInterrupt:
+                pass
+        if bar is not None:
+            bar.close()
+        logger.close()
+        print(f"\ninterrupted: checkpoint at step {done} in {run_dir}; continue with --resume")
+        raise
+    save(done, state)
+    if bar is not None:
+        bar.close()
+    logger.close()
+    meta_params = jax.device_get(setup.estimator.mean(state))
+    learned_opt.save(run_dir / "optimizer", setup.lopt, meta_params)
+    return MetaTrainResult(setup.lopt, meta_params, history, run_dir, done)
+
+
+def load_run_config(run_dir) -> MetaTrainConfig:
+    """The config of a run directory."""
+    return MetaTrainConfig.from_json((Path(run_dir) / "config.json").read_text())

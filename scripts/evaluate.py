@@ -1,0 +1,111 @@
+"""Evaluate a meta-trained optimizer against tuned SGD-momentum and Adam on unseen seeds.
+
+Trains fresh task networks for T steps with the checkpointed optimizer, optionally its own
+initialisation, the same optimizer with beta = 0 (network term off), a meta-trained ``sgdm``
+checkpoint, and optax SGD-momentum / Adam at the best learning rate of a grid (chosen on
+separate tuning seeds by final training loss). Writes ``summary.json``, ``summary.csv`` and
+``curves.png`` (mean and standard error over seeds) to ``--out`` and logs them to wandb.
+
+Example::
+
+    python scripts/evaluate.py --run runs/unf_mlp --init --beta0 --seeds 5
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", help="meta-training run directory (reads config.json, optimizer/)")
+    p.add_argument("--optimizer", help="optimizer checkpoint directory (default RUN/optimizer)")
+    p.add_argument("--task", help="task name (default: the run's task)")
+    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="task config override (default: the run's task_args)")
+    p.add_argument("--steps", type=int, help="inner steps T (default: the run's horizon)")
+    p.add_argument("--seeds", type=int, default=5, help="number of reported seeds (100, 101, ...)")
+    p.add_argument("--tune-seeds", type=int, default=3,
+                   help="number of seeds that tune the baselines' learning rates (200, 201, ...)")
+    p.add_argument("--init", action="store_true",
+                   help="also evaluate the optimizer's initial meta-parameters (needs --run)")
+    p.add_argument("--beta0", action="store_true",
+                   help="also evaluate the optimizer with beta = 0 (network term off)")
+    p.add_argument("--sgdm", help="a meta-trained sgdm optimizer checkpoint to compare with")
+    p.add_argument("--baselines", default="sgdm,adam",
+                   help="comma-separated tuned baselines (sgdm, adam; empty for none)")
+    p.add_argument("--out", help="output directory (default RUN/eval or ./eval)")
+    p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
+                   help="wandb mode")
+    return p
+
+
+def learned_candidates(args, run_config):
+    """Display name -> optax transformation for every learned optimizer to evaluate."""
+    import jax
+
+    import learned_opt
+
+    path = args.optimizer or (Path(args.run) / "optimizer" if args.run else None)
+    if path is None:
+        raise SystemExit("evaluate.py: error: give --run or --optimizer")
+    lopt, meta = learned_opt.load(path)
+    out = {f"{lopt.name} (meta-trained)": lopt.as_optax(meta)}
+    if args.beta0:
+        if "beta" not in meta:
+            raise SystemExit(f"evaluate.py: error: --beta0: optimizer {lopt.name!r} has no beta")
+        no_net = meta | {"beta": 0.0 * meta["beta"]}
+        out[f"{lopt.name} (meta-trained, beta=0)"] = lopt.as_optax(no_net)
+    if args.init:
+        if run_config is None:
+            raise SystemExit("evaluate.py: error: --init needs --run (the run's seed)")
+        # The exact initial meta-parameters of the run (meta_train.train.build uses this key).
+        init = lopt.init(jax.random.fold_in(jax.random.PRNGKey(run_config.seed), 0))
+        out[f"{lopt.name} (initialisation)"] = lopt.as_optax(init)
+    if args.sgdm:
+        s_lopt, s_meta = learned_opt.load(args.sgdm)
+        name = f"{s_lopt.name} (meta-trained, {Path(args.sgdm).parent.name})"
+        out[name] = s_lopt.as_optax(s_meta)
+    return out
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    import tasks
+    from meta_train.cli import _key_value
+    from meta_train.evaluation import EVAL_SEEDS, compare
+    from meta_train.train import load_run_config
+
+    run_config = load_run_config(args.run) if args.run else None
+    task_name = args.task or (run_config.task if run_config else None)
+    if task_name is None:
+        raise SystemExit("evaluate.py: error: give --task (or --run)")
+    task_args = dict(run_config.task_args) if run_config and not args.task else {}
+    task_args |= dict(_key_value(kv) for kv in args.task_arg)
+    steps = args.steps or (run_config.horizon if run_config else None)
+    if steps is None:
+        raise SystemExit("evaluate.py: error: give --steps (or --run)")
+    task = tasks.get_task(task_name, **task_args)
+    learned = learned_candidates(args, run_config)
+    baselines = [b for b in args.baselines.split(",") if b]
+    seeds = [EVAL_SEEDS[0] + i for i in range(args.seeds)]
+    tune = [200 + i for i in range(args.tune_seeds)]
+    out = Path(args.out or (Path(args.run) / "eval" if args.run else "eval"))
+    rows, plot = compare(task, learned, steps=steps, baselines=baselines, seeds=seeds,
+                         tune_seeds=tune, out_dir=out, wandb_mode=args.wandb,
+                         title=f"{task_name}, T={steps}, {len(seeds)} seeds",
+                         info={"task": task_name, "task_args": task_args, "run": args.run})
+    from meta_train.evaluation import format_table
+
+    print(format_table(rows))
+    print(f"plot: {plot}\nsummary: {out / 'summary.json'}")
+    print(json.dumps({r["optimizer"]: round(r["final_train_loss"], 4) for r in rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
