@@ -8,6 +8,7 @@
 """
 
 from tasks.base import ClassificationTask, LanguageModelTask, Task, cross_entropy
+from tasks.custom import CustomConfig, from_flax
 from tasks.data import DataNotFoundError
 from tasks.registry import (
     CNNConfig,
@@ -21,6 +22,7 @@ from tasks.registry import (
 __all__ = [
     "CNNConfig",
     "ClassificationTask",
+    "CustomConfig",
     "DataNotFoundError",
     "LanguageModelTask",
     "MLPConfig",
@@ -28,6 +30,7 @@ __all__ = [
     "Task",
     "TransformerLMConfig",
     "cross_entropy",
+    "from_flax",
     "get_task",
     "list_tasks",
 ]

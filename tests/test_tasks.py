@@ -1,0 +1,144 @@
+"""Tasks: real offline data, initial losses near log(classes), SGD lowers the loss."""
+
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tasks
+from learned_opt.spec import PermSpecError
+from tasks import data as datasets
+
+DATA_DIR = os.environ.get("LOPT_DATA_DIR", "/work/shared/data")
+TINY = ["mlp_fmnist_tiny", "cnn_cifar10_tiny", "rnn_lm_tiny", "transformer_lm_tiny"]
+
+
+def get(name, **kw):
+    return tasks.get_task(name, data_dir=DATA_DIR, **kw)
+
+
+def test_registry_lists_the_four_tasks_and_tiny_variants():
+    names = tasks.list_tasks()
+    for base in ["mlp_fmnist", "cnn_cifar10", "rnn_lm", "transformer_lm"]:
+        assert base in names and base + "_tiny" in names
+    with pytest.raises(KeyError, match="unknown task 'nope'.*mlp_fmnist"):
+        tasks.get_task("nope")
+    with pytest.raises(TypeError, match="no config field.*widht"):
+        get("mlp_fmnist_tiny", widht=3)
+
+
+def test_fashion_mnist_offline_loader_reads_the_real_files():
+    data = datasets.load_fashion_mnist(DATA_DIR)
+    train, test = data["train"], data["test"]
+    assert train["inputs"].shape == (60000, 8, 8) and test["inputs"].shape == (10000, 8, 8)
+    assert int(train["labels"][0]) == 9
+    np.testing.assert_array_equal(np.bincount(train["labels"]), np.full(10, 6000))
+    # Block means of pixels / 255 are in [0, 1] and images are not blank.
+    pixels = train["inputs"][:100] * datasets.FMNIST_8X8_SCALE
+    assert pixels.max() <= 1.0 and pixels.mean() > 0.1
+
+
+def test_downsample_is_the_area_average_of_the_padded_image():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    padded = np.pad(img.astype(float), ((0, 0), (2, 2), (2, 2)))
+    expected = np.array([[[padded[n, 4 * i:4 * i + 4, 4 * j:4 * j + 4].mean() / 255
+                           for j in range(8)] for i in range(8)] for n in range(2)])
+    got = datasets.downsample_fmnist(img) * datasets.FMNIST_8X8_SCALE
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_missing_data_error_is_fast_and_says_what_to_do(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(tasks.DataNotFoundError, match="train-images-idx3-ubyte.gz.*LOPT_DATA_DIR"):
+        tasks.get_task("mlp_fmnist_tiny", data_dir=tmp_path)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_initial_loss_near_log_classes_and_sgd_lowers_it(name):
+    task = get(name)
+    num_classes = getattr(task.config, "num_classes", None) or task.config.vocab_size
+    params = task.init(jax.random.key(0))
+    batches = [task.sample_batch(jax.random.key(i)) for i in range(4)]
+    batch = jax.tree.map(lambda *x: jnp.concatenate(x), *batches)
+    loss0 = float(task.loss(params, batch))
+    assert abs(loss0 - math.log(num_classes)) < 0.02 * math.log(num_classes)
+
+    @jax.jit
+    def sgd_steps(params):
+        def step(p, _):
+            g = jax.grad(task.loss)(p, batch)
+            return jax.tree.map(lambda a, b: a - 1.0 * b, p, g), None
+
+        return jax.lax.scan(step, params, None, length=25)[0]
+
+    assert float(task.loss(sgd_steps(params), batch)) < loss0 - 0.05
+
+
+def test_sample_batch_is_pure_and_vmappable():
+    task = get("mlp_fmnist_tiny")
+    keys = jax.random.split(jax.random.key(0), 3)
+    batches = jax.jit(jax.vmap(task.sample_batch))(keys)
+    assert batches["inputs"].shape == (3, 16, 8, 8) and batches["labels"].shape == (3, 16)
+    again = task.sample_batch(keys[1])
+    np.testing.assert_array_equal(batches["inputs"][1], again["inputs"])
+    assert not np.array_equal(batches["labels"][0], batches["labels"][1])
+    # Passing the data explicitly gives the same batch (no constants embedded in the program).
+    explicit = jax.jit(lambda k, d: task.sample_batch(k, data=d))(keys[1], task.data)
+    np.testing.assert_array_equal(explicit["labels"], again["labels"])
+
+
+def test_evaluate_matches_a_direct_computation():
+    task = get("mlp_fmnist_tiny")
+    task.eval_chunk = 300  # exercise the chunked path and the remainder
+    params = task.init(jax.random.key(0))
+    metrics = task.evaluate(params, "test", max_examples=1000)
+    test = task.data["test"]
+    logits = task.apply(params, task.prepare_inputs(test["inputs"][:1000]))
+    labels = test["labels"][:1000]
+    np.testing.assert_allclose(metrics["loss"], tasks.cross_entropy(logits, labels), rtol=1e-5)
+    np.testing.assert_allclose(metrics["accuracy"], (logits.argmax(-1) == labels).mean())
+
+
+def test_im2col_convolution_equals_flax_conv():
+    from tasks.models import Im2colConv
+
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+    for strides in [(1, 1), (2, 2)]:
+        flax_conv = nn.Conv(5, (3, 3), strides, padding="SAME")
+        params = flax_conv.init(jax.random.key(1), x)
+        ours = Im2colConv(5, (3, 3), strides)
+        assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+            jnp.shape, params
+        )
+        np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), atol=1e-5)
+
+
+def test_from_flax_infers_and_checks_the_spec():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
+    model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(16), nn.relu, nn.Dense(2)])
+    task = tasks.from_flax(model, tasks.cross_entropy, (x[:150], y[:150]),
+                           dict(inputs=x[150:], labels=y[150:]), batch_size=32, name="xor")
+    assert task.name == "xor" and task.config.num_train == 150
+    assert task.perm_spec["layers_2"]["kernel"] == ("layers_0", "layers_2")
+    params = task.init(jax.random.key(0))
+    loss0 = task.evaluate(params)["loss"]
+    for i in range(50):
+        grads = jax.grad(task.loss)(params, task.sample_batch(jax.random.key(i)))
+        params = jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
+    metrics = task.evaluate(params)
+    assert metrics["loss"] < loss0 - 0.2 and metrics["accuracy"] > 0.8
+    # A wrong spec given by the user is rejected.
+    bad = {"layers_0": {"kernel": (None, "h"), "bias": ("h",)},
+           "layers_2": {"kernel": (None, None), "bias": (None,)},
+           "layers_4": {"kernel": (None, None), "bias": (None,)}}
+    with pytest.raises(PermSpecError, match="label 'h'"):
+        tasks.from_flax(model, tasks.cross_entropy, (x, y), (x, y), 32, perm_spec=bad)
