@@ -1,0 +1,511 @@
+"""Universal neural functionals (Zhou, Finn, Harrison 2024): equivariant layers on weight spaces.
+
+A weight space is a pytree of arrays; its permutation spec gives one label per axis (``None`` for
+an axis that is never permuted). ``UNFLinear`` expresses *every* linear map from the weight
+space to itself that commutes with the spec's permutations (section 3 of the paper):
+
+* For each ordered pair (output leaf, input leaf), self-pairs included, every partition of the
+  joined permuted axes (output axes + input axes) into blocks whose members share one label gives
+  one basis map. Input axes in one block are read along their diagonal; blocks with only input
+  axes are reduced by the mean; output axes in one block write onto a diagonal (zero elsewhere);
+  blocks with only output axes broadcast.
+* Fixed (``None``) axes are not permuted, so any linear map along them is equivariant: their
+  positions are folded into the channels. Each basis map has a
+  ``(c_in * fixed_in) x (features * fixed_out)`` coefficient matrix; each output leaf has a bias
+  that is constant along its permuted axes and free along its fixed axes.
+
+How it is computed (the layer is on the hot path of a learned optimizer). A partition factors
+into an *input pattern* (how the input leaf's axes are grouped into diagonals and which groups
+are kept vs. mean-reduced), an *output pattern* (how the output leaf's axes are grouped and
+which groups receive a kept axis) and a label-preserving matching between kept and receiving
+groups. So the layer
+
+1. computes every input pattern of every input leaf once (one ``einsum`` each),
+2. concatenates, along channels, all patterns whose kept axes carry the same labels (their
+   *signature*), in every label-preserving axis order,
+3. mixes channels with ONE matmul per signature, for all output leaves and output patterns
+   that receive that signature at once,
+4. writes each output pattern onto its diagonals by multiplying with an identity tensor of the
+   diagonal's shape only, and sums the patterns with broadcasting (smallest first).
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+  >>> spec = {"w": ("i", "h"), "b": ("h",)}
+  >>> x = jax.tree.map(lambda p: p[..., None], params)  # one input channel
+  >>> layer = UNFLinear(features=8)
+  >>> variables = layer.init(jax.random.key(0), x, spec)
+  >>> y = layer.apply(variables, x, spec)
+  >>> y["w"].shape, y["b"].shape
+  ((3, 4, 8), (4, 8))
+  >>> num_basis_terms(("i", "h"), ("h",))  # h appears twice: Bell(2) = 2
+  2
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import string
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from learned_opt.spec import PermSpecError, flatten_with_spec, label_sizes
+
+PyTree = Any
+
+
+# --------------------------------------------------------------------------------------------
+# Counting.
+
+
+@functools.cache
+def bell(n: int) -> int:
+    """Bell number: the number of partitions of a set of ``n`` elements (1, 1, 2, 5, 15, ...)."""
+    if n == 0:
+        return 1
+    return sum(math.comb(n - 1, k) * bell(k) for k in range(n))
+
+
+def num_basis_terms(out_labels: tuple, in_labels: tuple) -> int:
+    """Number of basis maps from a leaf labelled ``in_labels`` to one labelled ``out_labels``.
+
+    The product over labels of Bell(number of axes with that label in both tuples together);
+    ``None`` (fixed) axes contribute a factor 1 (their positions act as channels).
+
+    >>> num_basis_terms(("h", "h"), ("h", "h"))
+    15
+    >>> num_basis_terms(("a", "b"), ("a", "b"))
+    4
+    """
+    counts: dict = {}
+    for lab in tuple(out_labels) + tuple(in_labels):
+        if lab is not None:
+            counts[lab] = counts.get(lab, 0) + 1
+    return math.prod(bell(c) for c in counts.values())
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: which patterns to read, how to group them, where each coefficient block lives.
+# It depends only on the spec's structure, its fixed-axis sizes and the channel counts, and is
+# built once per structure (cached), at trace time.
+
+Group = tuple[int, tuple[int, ...]]  # (label id, positions among the leaf's permuted axes)
+
+
+def _set_partitions(items: tuple) -> list[list[tuple]]:
+    """All partitions of ``items`` (in a fixed order); blocks keep the items' order."""
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    out = []
+    for part in _set_partitions(rest):
+        out.append([(first,), *part])
+        for k in range(len(part)):
+            out.append(part[:k] + [(first, *part[k])] + part[k + 1 :])
+    return out
+
+
+def _patterns(labels: tuple[int, ...]) -> list[tuple[tuple[Group, ...], tuple[bool, ...]]]:
+    """Every (grouping of a leaf's permuted axes into same-label diagonals, kept flags).
+
+    Groups are sorted by (label id, positions); ``kept[g]`` says whether group g is matched with a
+    group of the other leaf (True) or reduced / broadcast on its own (False).
+    """
+    by_label: dict[int, list[int]] = {}
+    for pos, lab in enumerate(labels):
+        by_label.setdefault(lab, []).append(pos)
+    per_label = [
+        [[(lab, block) for block in part] for part in _set_partitions(tuple(positions))]
+        for lab, positions in sorted(by_label.items())
+    ]
+    out = []
+    for combo in itertools.product(*per_label):
+        groups = tuple(sorted(g for part in combo for g in part))
+        for kept in itertools.product((False, True), repeat=len(groups)):
+            out.append((groups, kept))
+    return out
+
+
+def _signature(groups: tuple[Group, ...], kept: tuple[bool, ...]) -> tuple[int, ...]:
+    """Labels of the kept groups, in canonical (sorted) order."""
+    return tuple(lab for (lab, _), k in zip(groups, kept, strict=True) if k)
+
+
+def _label_preserving_orders(sig: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """All permutations of range(len(sig)) that only swap positions carrying the same label."""
+    runs: dict[int, list[int]] = {}
+    for pos, lab in enumerate(sig):
+        runs.setdefault(lab, []).append(pos)
+    orders = []
+    for choice in itertools.product(*(itertools.permutations(p) for p in runs.values())):
+        order = [0] * len(sig)
+        for positions, perm in zip(runs.values(), choice, strict=True):
+            for dst, src in zip(positions, perm, strict=True):
+                order[dst] = src
+        orders.append(tuple(order))
+    return orders
+
+
+class _Read(NamedTuple):
+    leaf: int
+    groups: tuple[Group, ...]
+    kept: tuple[bool, ...]
+
+
+class _Source(NamedTuple):
+    """One block of channels of a signature's concatenated input."""
+
+    read: int  # index into Plan.reads
+    order: tuple[int, ...]  # transpose of the read's kept axes into the signature's order
+    offset: int  # first channel in the signature's concatenation
+    width: int  # channels (c_in * fixed_in of the input leaf)
+
+
+class _Write(NamedTuple):
+    groups: tuple[Group, ...]
+    kept: tuple[bool, ...]  # here: "receives a kept input group"
+    sig: tuple[int, ...]
+    row: int  # first row of this pattern's coefficients in the output leaf's kernel
+
+
+class _Plan(NamedTuple):
+    reads: tuple[_Read, ...]
+    sources: dict  # signature -> tuple[_Source, ...]
+    widths: dict  # signature -> total channels
+    writes: tuple[tuple[_Write, ...], ...]  # per output leaf
+    rows: tuple[int, ...]  # per output leaf: rows of its kernel
+
+
+@functools.lru_cache(maxsize=256)
+def _build_plan(labels: tuple[tuple[int, ...], ...], widths: tuple[int, ...]) -> _Plan:
+    """labels: per leaf, label ids of its permuted axes; widths: per leaf, c_in * fixed_in."""
+    reads, by_sig = [], {}
+    for leaf, labs in enumerate(labels):
+        for groups, kept in _patterns(labs):
+            by_sig.setdefault(_signature(groups, kept), []).append(len(reads))
+            reads.append(_Read(leaf, groups, kept))
+    sources, sig_widths = {}, {}
+    for sig, read_ids in by_sig.items():
+        srcs, offset = [], 0
+        for r in read_ids:
+            for order in _label_preserving_orders(sig):
+                width = widths[reads[r].leaf]
+                srcs.append(_Source(r, order, offset, width))
+                offset += width
+        sources[sig], sig_widths[sig] = tuple(srcs), offset
+    writes, rows = [], []
+    for labs in labels:
+        leaf_writes, row = [], 0
+        for groups, kept in _patterns(labs):
+            sig = _signature(groups, kept)
+            leaf_writes.append(_Write(groups, kept, sig, row))
+            row += sig_widths[sig]
+        writes.append(tuple(leaf_writes))
+        rows.append(row)
+    return _Plan(tuple(reads), sources, sig_widths, tuple(writes), tuple(rows))
+
+
+class _Leaf(NamedTuple):
+    """How one leaf's axes are laid out: permuted axes first, then fixed axes folded in channels."""
+
+    perm_axes: tuple[int, ...]
+    fixed_axes: tuple[int, ...]
+    label_ids: tuple[int, ...]
+    fixed_size: int
+
+
+def _leaf_layouts(labels: list[tuple], shapes: list[tuple]) -> list[_Leaf]:
+    ids: dict = {}
+    out = []
+    for labs, shape in zip(labels, shapes, strict=True):
+        perm = tuple(a for a, lab in enumerate(labs) if lab is not None)
+        fixed = tuple(a for a, lab in enumerate(labs) if lab is None)
+        label_ids = tuple(ids.setdefault(labs[a], len(ids)) for a in perm)
+        out.append(_Leaf(perm, fixed, label_ids, math.prod(shape[a] for a in fixed)))
+    return out
+
+
+def _prepare(x: PyTree, spec: PyTree, features: int | None = None):
+    """Validate, lay out the leaves and build (or fetch) the plan."""
+    label_sizes(x, spec, trailing_axes=1)  # raises PermSpecError naming the leaf
+    paths, arrays, labels = flatten_with_spec(x, spec)
+    if not arrays:
+        raise PermSpecError("the weight space has no leaves")
+    shapes = [tuple(np.shape(a)) for a in arrays]
+    leaves = _leaf_layouts(labels, [s[:-1] for s in shapes])
+    widths = tuple(lf.fixed_size * s[-1] for lf, s in zip(leaves, shapes, strict=True))
+    plan = _build_plan(tuple(lf.label_ids for lf in leaves), widths)
+    return paths, arrays, labels, leaves, plan
+
+
+def _letters(n: int) -> str:
+    return string.ascii_letters[:n]
+
+
+def _read(x: jax.Array, groups: tuple[Group, ...], kept: tuple[bool, ...]) -> jax.Array:
+    """Read diagonals of ``x`` (permuted axes..., C), mean over non-kept groups."""
+    axis_letter = [""] * (x.ndim - 1)
+    letters = _letters(len(groups) + 1)
+    denom = 1
+    for g, (_, positions) in enumerate(groups):
+        for p in positions:
+            axis_letter[p] = letters[g]
+        if not kept[g]:
+            denom *= x.shape[positions[0]]
+    c = letters[-1]
+    out = "".join(letters[g] for g in range(len(groups)) if kept[g]) + c
+    y = jnp.einsum("".join(axis_letter) + c + "->" + out, x)
+    return y / denom if denom != 1 else y
+
+
+def _write(z: jax.Array, groups, kept, out_shape: tuple[int, ...]) -> jax.Array:
+    """Place z (kept groups in canonical order..., C) onto the diagonals of ``out_shape``.
+
+    Returns an array broadcastable to ``out_shape + (C,)``: groups of one axis that receive nothing
+    stay size-1 axes (broadcast later); a group of several axes writes onto its diagonal by a
+    product with an identity tensor of only that diagonal's shape.
+    """
+    r = len(out_shape)
+    letters = _letters(r + 1)
+    c = letters[r]
+    z_spec = "".join(
+        letters[positions[0]] for (_, positions), k in zip(groups, kept, strict=True) if k
+    )
+    z_spec += c
+    operands, specs = [z], [z_spec]
+    present = set(z_spec[:-1])
+    for _, positions in groups:
+        if len(positions) > 1:
+            n = out_shape[positions[0]]
+            delta = np.zeros((n,) * len(positions), np.float32)
+            delta[(np.arange(n),) * len(positions)] = 1.0
+            operands.append(jnp.asarray(delta, z.dtype))
+            specs.append("".join(letters[p] for p in positions))
+            present.update(letters[p] for p in positions)
+    out = "".join(letters[p] for p in range(r) if letters[p] in present) + c
+    y = jnp.einsum(",".join(specs) + "->" + out, *operands) if out != z_spec else z
+    return y.reshape(tuple(out_shape[p] if letters[p] in present else 1 for p in range(r)) + (-1,))
+
+
+def _to_internal(x: jax.Array, leaf: _Leaf) -> jax.Array:
+    """(leaf axes..., c) -> (permuted axes..., fixed axes * c)."""
+    order = leaf.perm_axes + leaf.fixed_axes + (x.ndim - 1,)
+    x = jnp.transpose(x, order)
+    return x.reshape(x.shape[: len(leaf.perm_axes)] + (-1,))
+
+
+def _from_internal(y: jax.Array, leaf: _Leaf, leaf_shape: tuple, features: int) -> jax.Array:
+    """(permuted axes..., fixed axes * features) -> (leaf axes..., features)."""
+    order = leaf.perm_axes + leaf.fixed_axes
+    y = y.reshape(tuple(leaf_shape[a] for a in order) + (features,))
+    inverse = tuple(int(i) for i in np.argsort(order)) + (len(order),)
+    return jnp.transpose(y, inverse)
+
+
+def _canonical_partition(out_leaf: _Leaf, in_leaf: _Leaf, write: _Write, read: _Read, order):
+    """The basis map as a partition of joined axes: blocks of ('out'|'in', original axis)."""
+    blocks = []
+    in_kept = [g for g, k in zip(read.groups, read.kept, strict=True) if k]
+    out_kept = [g for g, k in zip(write.groups, write.kept, strict=True) if k]
+    for (_, out_pos), src in zip(out_kept, order, strict=True):
+        block = [("out", out_leaf.perm_axes[p]) for p in out_pos]
+        block += [("in", in_leaf.perm_axes[p]) for p in in_kept[src][1]]
+        blocks.append(tuple(sorted(block)))
+    for (_, pos), k in zip(write.groups, write.kept, strict=True):
+        if not k:
+            blocks.append(tuple(sorted(("out", out_leaf.perm_axes[p]) for p in pos)))
+    for (_, pos), k in zip(read.groups, read.kept, strict=True):
+        if not k:
+            blocks.append(tuple(sorted(("in", in_leaf.perm_axes[p]) for p in pos)))
+    return tuple(sorted(blocks))
+
+
+# --------------------------------------------------------------------------------------------
+# The layer.
+
+
+class UNFLinear(nn.Module):
+    """The universal equivariant linear layer on a weight space (all basis maps, all leaf pairs).
+
+    Attributes:
+      features: output channels of every leaf.
+
+    Call: ``layer.apply(variables, x, spec)`` with ``x`` a pytree of arrays shaped
+    ``leaf_shape + (c_in,)`` and ``spec`` its permutation spec (a static Python object). Returns
+    the same pytree with ``features`` channels. Parameters: for output leaf ``o`` a kernel
+    ``kernel_{o}`` stacking the coefficient matrices of all maps into ``o`` (rows grouped by
+    output pattern; see ``basis_coefficients`` for the map of rows to basis maps) and a bias
+    ``bias_{o}`` of size ``fixed_out * features``. Their shapes depend on the spec's structure
+    and fixed-axis sizes only, so the same variables apply to any sizes of the permuted labels.
+    Kernel init: normal with std ``1/sqrt(fan_in)``, fan_in = the kernel's rows = the sum over
+    all maps into ``o`` of ``c_in * fixed_in`` (= ``c_in * fixed_in * num_maps`` when the
+    inputs have equal widths). Biases start at zero.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: PyTree, spec: PyTree) -> PyTree:
+        paths, arrays, _, leaves, plan = _prepare(x, spec)
+        kernels, biases = [], []
+        for o, lf in enumerate(leaves):
+            cols = lf.fixed_size * self.features
+            std = 1.0 / math.sqrt(plan.rows[o])
+            kernels.append(
+                self.param(f"kernel_{o}", nn.initializers.normal(std), (plan.rows[o], cols))
+            )
+            biases.append(self.param(f"bias_{o}", nn.initializers.zeros, (cols,)))
+        return _apply(plan, leaves, arrays, kernels, biases, self.features, x)
+
+
+def _apply(plan: _Plan, leaves, arrays, kernels, biases, features: int, x_tree) -> PyTree:
+    dtype = jnp.result_type(*arrays, *kernels)
+    internal = [
+        _to_internal(jnp.asarray(a, dtype), lf) for a, lf in zip(arrays, leaves, strict=True)
+    ]
+    # 1. Each input pattern of each leaf, once.
+    reads = [_read(internal[r.leaf], r.groups, r.kept) for r in plan.reads]
+    # 2.-3. One concatenation and one matmul per signature, for every receiving output pattern.
+    receivers: dict = {}
+    for o, leaf_writes in enumerate(plan.writes):
+        for w, wr in enumerate(leaf_writes):
+            receivers.setdefault(wr.sig, []).append((o, w))
+    mixed: dict = {}
+    for sig, recv in receivers.items():
+        xs = [jnp.transpose(reads[s.read], s.order + (len(sig),)) for s in plan.sources[sig]]
+        xcat = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)
+        width = plan.widths[sig]
+        ws = [kernels[o][plan.writes[o][w].row : plan.writes[o][w].row + width] for o, w in recv]
+        z = xcat @ (ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=1))
+        start = 0
+        for (o, w), wmat in zip(recv, ws, strict=True):
+            mixed[(o, w)] = z[..., start : start + wmat.shape[1]]
+            start += wmat.shape[1]
+    # 4. Write diagonals / broadcast, sum per output leaf (smallest terms first).
+    outs = []
+    for o, lf in enumerate(leaves):
+        perm_shape = internal[o].shape[:-1]
+        terms = [
+            _write(mixed[(o, w)], wr.groups, wr.kept, perm_shape)
+            for w, wr in enumerate(plan.writes[o])
+        ]
+        terms.sort(key=lambda t: t.size)
+        y = terms[0] + biases[o]
+        for t in terms[1:]:
+            y = y + t
+        y = jnp.broadcast_to(y, perm_shape + (y.shape[-1],))
+        outs.append(_from_internal(y, lf, np.shape(arrays[o])[:-1], features))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(x_tree), outs)
+
+
+def basis_coefficients(variables: PyTree, x: PyTree, spec: PyTree) -> tuple[dict, list]:
+    """The layer's coefficients, one matrix per basis map, keyed canonically.
+
+    Returns ``(coeffs, biases)``: ``coeffs[(out_leaf, in_leaf, partition)]`` is the
+    ``(fixed_in * c_in, fixed_out * features)`` matrix of that map (fixed axes flattened in
+    their order, channels last), where ``partition`` is a sorted tuple of sorted blocks of
+    ``("out" | "in", original axis index)``; ``biases[o]`` is output leaf o's bias.
+    Used to check the layer against a plain reference and to count its maps.
+    """
+    params = variables["params"] if "params" in variables else variables
+    _, _, _, leaves, plan = _prepare(x, spec)
+    coeffs = {}
+    for o, leaf_writes in enumerate(plan.writes):
+        kernel = params[f"kernel_{o}"]
+        for wr in leaf_writes:
+            for s in plan.sources[wr.sig]:
+                rd = plan.reads[s.read]
+                part = _canonical_partition(leaves[o], leaves[rd.leaf], wr, rd, s.order)
+                key = (o, rd.leaf, part)
+                assert key not in coeffs, key  # every map appears exactly once
+                coeffs[key] = kernel[wr.row + s.offset : wr.row + s.offset + s.width]
+    biases = [params[f"bias_{o}"] for o in range(len(leaves))]
+    return coeffs, biases
+
+
+# --------------------------------------------------------------------------------------------
+# Deep models.
+
+
+class UNF(nn.Module):
+    """A deep equivariant network: ``num_layers`` equivariant layers with a pointwise
+    nonlinearity between them; the last layer maps to ``out_features`` with no nonlinearity.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = {"w": jnp.ones((3, 4, 2)), "b": jnp.ones((4, 2))}
+    >>> spec = {"w": ("i", "h"), "b": ("h",)}
+    >>> net = UNF(hidden_features=16, num_layers=3, out_features=1)
+    >>> v = net.init(jax.random.key(0), x, spec)
+    >>> net.apply(v, x, spec)["w"].shape
+    (3, 4, 1)
+    """
+
+    hidden_features: int
+    num_layers: int
+    out_features: int
+    layer_cls: Callable[..., nn.Module] = UNFLinear
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
+
+    @nn.compact
+    def __call__(self, x: PyTree, spec: PyTree) -> PyTree:
+        if self.num_layers < 1:
+            raise ValueError(f"UNF needs num_layers >= 1, got {self.num_layers}")
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            x = self.layer_cls(self.out_features if last else self.hidden_features)(x, spec)
+            if not last:
+                x = jax.tree.map(self.activation, x)
+        return x
+
+
+def invariant_pool(x: PyTree, spec: PyTree) -> jax.Array:
+    """Mean of every leaf over its permuted axes (fixed axes and channels flattened into
+    features), concatenated in leaf order: invariant under every permutation of the spec."""
+    label_sizes(x, spec, trailing_axes=1)
+    _, arrays, labels = flatten_with_spec(x, spec)
+    feats = []
+    for a, labs in zip(arrays, labels, strict=True):
+        perm = tuple(i for i, lab in enumerate(labs) if lab is not None)
+        pooled = jnp.mean(a, axis=perm) if perm else a
+        feats.append(pooled.reshape(-1))
+    return jnp.concatenate(feats)
+
+
+class InvariantUNF(nn.Module):
+    """An invariant network: equivariant layers (each followed by the nonlinearity), then
+    ``invariant_pool`` (mean over permuted axes, leaves concatenated), then an MLP head with
+    ``head_features`` hidden widths to ``out_features``.
+
+    ``layer_cls=DeepSetLinear`` gives the Deep Set predictor.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = {"w": jnp.ones((3, 4, 1)), "b": jnp.ones((4, 1))}
+    >>> spec = {"w": ("i", "h"), "b": ("h",)}
+    >>> net = InvariantUNF(8, 2, 1, head_features=(16,))
+    >>> net.apply(net.init(jax.random.key(0), x, spec), x, spec).shape
+    (1,)
+    """
+
+    hidden_features: int
+    num_layers: int
+    out_features: int
+    head_features: Sequence[int] = (512, 512)
+    layer_cls: Callable[..., nn.Module] = UNFLinear
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
+
+    @nn.compact
+    def __call__(self, x: PyTree, spec: PyTree) -> jax.Array:
+        for _ in range(self.num_layers):
+            x = self.layer_cls(self.hidden_features)(x, spec)
+            x = jax.tree.map(self.activation, x)
+        h = invariant_pool(x, spec)
+        for width in self.head_features:
+            h = self.activation(nn.Dense(width)(h))
+        return nn.Dense(self.out_features)(h)
