@@ -65,23 +65,32 @@ def _normalise(x: jax.Array, clip: bool) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + _EPS)
 
 
-def build_features(params: PyTree, grads: PyTree, momenta: PyTree, step: jax.Array,
-                   timescales: Sequence[float], clip: bool = True) -> PyTree:
-    """The update network's input: leaves ``leaf_shape + (2 + num_decays + num_timescales,)``.
+def state_features(params: PyTree, grads: PyTree, momenta: PyTree,
+                   clip: bool = True) -> PyTree:
+    """The 8 normalised state channels: leaves ``leaf_shape + (2 + num_decays,)``.
 
     Args:
       params, grads: the weight space and its gradient (same structure).
       momenta: output of :func:`update_momenta` (leaves ``leaf_shape + (num_decays,)``).
-      step: inner step counter (scalar).
-      timescales: step-embedding timescales.
-      clip: clip the state channels to [-1, 1] before normalising (public code does).
+      clip: clip the channels to [-1, 1] before normalising (public code does).
     """
-    emb = step_embedding(step, timescales)
 
     def leaf(p, g, v):
-        state = jnp.concatenate(
+        x = jnp.concatenate(
             [p.astype(jnp.float32)[..., None], g.astype(jnp.float32)[..., None], v], axis=-1)
-        state = _normalise(state, clip)
-        return jnp.concatenate([state, jnp.broadcast_to(emb, p.shape + emb.shape)], axis=-1)
+        return _normalise(x, clip)
 
     return jax.tree.map(leaf, params, grads, momenta)
+
+
+def build_features(params: PyTree, grads: PyTree, momenta: PyTree, step: jax.Array,
+                   timescales: Sequence[float], clip: bool = True) -> PyTree:
+    """All input channels: leaves ``leaf_shape + (2 + num_decays + num_timescales,)``.
+
+    The state channels of :func:`state_features` followed by the step embedding, broadcast to
+    every parameter.
+    """
+    emb = step_embedding(step, timescales)
+    return jax.tree.map(
+        lambda x: jnp.concatenate([x, jnp.broadcast_to(emb, x.shape[:-1] + emb.shape)], -1),
+        state_features(params, grads, momenta, clip))

@@ -190,10 +190,31 @@ def _pointwise(layer: nn.Module, x: PyTree) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
+class _FirstDense(nn.Module):
+    """Per-parameter Dense on ``[state channels, step embedding]`` without materialising it.
+
+    Same parameters as ``nn.Dense(features)`` on the concatenation (kernel rows: state channels
+    then embedding); the embedding is the same for every parameter, so its contribution is
+    computed once and broadcast.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, state: jax.Array, emb: jax.Array) -> jax.Array:
+        n_state = state.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (n_state + emb.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return state @ kernel[:n_state] + (emb @ kernel[n_state:] + bias)
+
+
 class UpdateNetwork(nn.Module):
     """f: ``num_pointwise`` per-parameter Dense layers, then weight-space layers; ReLU between.
 
-    Input leaves ``leaf_shape + (c_in,)``; output leaves ``leaf_shape + (1,)``.
+    Input: ``state`` leaves ``leaf_shape + (c_state,)`` and the step embedding ``emb`` (one
+    vector for all parameters; together they are the ``c_state + len(emb)`` input channels).
+    Output leaves ``leaf_shape + (1,)``.
     """
 
     layer_cls: Callable
@@ -202,13 +223,19 @@ class UpdateNetwork(nn.Module):
     num_pointwise: int = 3
 
     @nn.compact
-    def __call__(self, x: PyTree, spec: PyTree) -> PyTree:
+    def __call__(self, state: PyTree, emb: jax.Array, spec: PyTree) -> PyTree:
+        x = state
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
             width = 1 if last else self.hidden_features
-            if i < self.num_pointwise:
+            if i == 0 and self.num_pointwise > 0:
+                x = _pointwise(lambda h: _FirstDense(width, name="dense_0")(h, emb), x)
+            elif i < self.num_pointwise:
                 x = _pointwise(nn.Dense(width, name=f"dense_{i}"), x)
             else:
+                if i == 0:
+                    x = jax.tree.map(lambda s: jnp.concatenate(
+                        [s, jnp.broadcast_to(emb, s.shape[:-1] + emb.shape)], -1), x)
                 x = self.layer_cls(width, name=f"ws_{i}")(x, spec)
             if not last:
                 x = jax.tree.map(nn.relu, x)
@@ -302,11 +329,13 @@ class LearnedOptimizer:
     def _init_network(self) -> Callable[[jax.Array], PyTree]:
         # Jitted once per optimizer: initialising op by op costs seconds on CPU.
         def init_network(key):
+            c = self.config
             x = jax.tree.unflatten(
                 jax.tree.structure(self.net_spec, is_leaf=is_spec_leaf),
-                [jnp.zeros(shape + (self.config.num_features,), jnp.float32)
+                [jnp.zeros(shape + (2 + len(c.momentum_decays),), jnp.float32)
                  for _, shape, _ in self.signature])
-            return self.network.init(key, x, self.net_spec)["params"]
+            emb = jnp.zeros((len(c.step_timescales),), jnp.float32)
+            return self.network.init(key, x, emb, self.net_spec)["params"]
 
         return jax.jit(init_network)
 
@@ -344,9 +373,9 @@ class LearnedOptimizer:
         direction, fm = m, ()
         if self.network is not None:
             fm = feats.update_momenta(state.feature_momenta, grads, c.momentum_decays)
-            x = feats.build_features(params, grads, fm, state.step, c.step_timescales,
-                                     c.clip_features)
-            f = self.network.apply({"params": meta_params["net"]}, x, self.net_spec)
+            x = feats.state_features(params, grads, fm, c.clip_features)
+            emb = feats.step_embedding(state.step, c.step_timescales)
+            f = self.network.apply({"params": meta_params["net"]}, x, emb, self.net_spec)
             direction = jax.tree.map(lambda m, f: m + nom["beta"] * f[..., 0], m, f)
         updates = jax.tree.map(lambda d, p: (-nom["alpha"] * d).astype(jnp.result_type(p)),
                                direction, params)
