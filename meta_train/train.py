@@ -53,7 +53,7 @@ class Setup(NamedTuple):
     mesh: Mesh
     init_meta_params: PyTree
     shardings: EstimatorState  # of the estimator state: replicated, inner runs sharded
-    step_fn: Any  # jitted (state, key, t) -> (state, metrics); compiled on first call
+    step_fn: Any  # jitted (state, t) -> (state, metrics); compiled on first call
 
 
 class MetaTrainResult(NamedTuple):
@@ -150,7 +150,7 @@ def build(config: MetaTrainConfig) -> Setup:
     )
     template = jax.eval_shape(estimator.init, jax.random.PRNGKey(0), meta0)
     shardings = state_shardings(mesh, template)
-    step_fn = make_step_fn(estimator, lopt, mesh, shardings)
+    step_fn = make_step_fn(estimator, lopt, mesh, shardings, config.seed)
     return Setup(config, task, lopt, estimator, mesh, meta0, shardings, step_fn)
 
 
@@ -169,21 +169,19 @@ def _strong(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.asarray(x).dtype), tree)
 
 
-def make_step_fn(estimator, lopt, mesh: Mesh, shardings: EstimatorState):
-    """The jitted outer step ``(state, key, t) -> (state, metrics)``, metrics with nominal values.
+def make_step_fn(estimator, lopt, mesh: Mesh, shardings: EstimatorState, seed: int):
+    """The jitted outer step ``(state, t) -> (state, metrics)``, metrics with nominal values.
+
+    The step's key, ``step_key(seed, t)``, is derived inside the jit (no host work per step).
     """
 
-    def train_step(state, key, t):
-        state, metrics = estimator.step(state, key, t)
+    def train_step(state, t):
+        state, metrics = estimator.step(state, step_key(seed, t), t)
         metrics = metrics | lopt.nominal(estimator.mean(state))
         return _strong(state), metrics
 
     repl = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        train_step,
-        in_shardings=(shardings, repl, repl),
-        out_shardings=(shardings, repl),
-    )
+    return jax.jit(train_step, in_shardings=(shardings, repl), out_shardings=(shardings, repl))
 
 
 def init_state(setup: Setup, meta_params: PyTree | None = None) -> EstimatorState:
@@ -202,7 +200,7 @@ def init_state(setup: Setup, meta_params: PyTree | None = None) -> EstimatorStat
 def run_steps(setup: Setup, state: EstimatorState, start: int, stop: int) -> EstimatorState:
     """Advance ``state`` from outer step ``start`` to ``stop`` (no logging)."""
     for t in range(start, stop):
-        state, _ = setup.step_fn(state, step_key(setup.config.seed, t), jnp.int32(t))
+        state, _ = setup.step_fn(state, np.int32(t))
     return state
 
 
@@ -319,7 +317,7 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
 
     try:
         for t in range(start, config.outer_steps):
-            new_state, metrics = step_fn(state, step_key(config.seed, t), jnp.int32(t))
+            new_state, metrics = step_fn(state, np.int32(t))
             if pending is not None:
                 flush(pending)
                 pending = None

@@ -36,7 +36,7 @@ def _flat(tree):
 def _run(setup, state, start, stop):
     history = []
     for t in range(start, stop):
-        state, metrics = setup.step_fn(state, mt.step_key(setup.config.seed, t), jnp.int32(t))
+        state, metrics = setup.step_fn(state, np.int32(t))
         history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     return state, history
 
