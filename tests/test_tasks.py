@@ -131,9 +131,12 @@ def test_from_flax_infers_and_checks_the_spec():
     assert task.perm_spec["layers_2"]["kernel"] == ("layers_0", "layers_2")
     params = task.init(jax.random.key(0))
     loss0 = task.evaluate(params)["loss"]
-    for i in range(50):
-        grads = jax.grad(task.loss)(params, task.sample_batch(jax.random.key(i)))
-        params = jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
+
+    def step(params, key):
+        grads = jax.grad(task.loss)(params, task.sample_batch(key))
+        return jax.tree.map(lambda p, g: p - 0.3 * g, params, grads), None
+
+    params = jax.lax.scan(step, params, jax.random.split(jax.random.key(1), 50))[0]
     metrics = task.evaluate(params)
     assert metrics["loss"] < loss0 - 0.2 and metrics["accuracy"] > 0.8
     # A wrong spec given by the user is rejected.
@@ -142,3 +145,26 @@ def test_from_flax_infers_and_checks_the_spec():
            "layers_4": {"kernel": (None, None), "bias": (None,)}}
     with pytest.raises(PermSpecError, match="label 'h'"):
         tasks.from_flax(model, tasks.cross_entropy, (x, y), (x, y), 32, perm_spec=bad)
+
+
+def test_missing_data_without_data_dir_fails_fast_offline(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOPT_DATA_DIR", raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(datasets, "_network_reachable", lambda: False)
+    start = time.perf_counter()
+    with pytest.raises(tasks.DataNotFoundError, match="network is unreachable.*LOPT_DATA_DIR"):
+        datasets._load_cifar10.__wrapped__(None)
+    assert time.perf_counter() - start < 5
+
+
+def test_tfds_online_path_on_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        fmnist = datasets._load_fashion_mnist.__wrapped__(None)
+        cifar = datasets._load_cifar10.__wrapped__(None)
+        text, source = datasets._load_text.__wrapped__(None)
+    assert fmnist["train"]["inputs"].shape == (6, 8, 8)
+    assert fmnist["train"]["inputs"].dtype == np.uint16
+    assert cifar["test"]["inputs"].shape == (6, 16, 16, 3)
+    assert cifar["test"]["inputs"].dtype == np.uint8
+    assert text["train"].dtype == np.uint8 and text["train"].size > 6 and "lm1b" in source

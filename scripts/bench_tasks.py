@@ -1,0 +1,102 @@
+"""Benchmark one inner training step (forward, backward, SGD) of each task.
+
+For each task: the step alone and vmapped over a population of members (every member has its
+own parameters and samples its own batch), inside one ``jit`` + ``lax.scan`` over steps with the
+data passed as an argument. Prints a markdown table: compile time (seconds, separate), run time
+per step, per member, and the per-member cost relative to the single run measured in the same
+process. The CNN is timed with both convolution implementations (XLA's only for ``--lax-members``).
+
+Usage:
+  LOPT_DATA_DIR=/work/shared/data nice -n 10 .venv/bin/python scripts/bench_tasks.py \
+      --steps 5 --repeats 2 --lax-members 1 16
+  .venv/bin/python scripts/bench_tasks.py --tasks mlp_fmnist --members 1 16 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+
+import tasks
+
+LEARNING_RATE = 0.1
+
+
+def make_unroll(task, members: int, steps: int):
+    """jit(params, key, data) -> (params, losses): ``steps`` SGD steps of ``members`` runs."""
+
+    def one_step(params, key, data):
+        batch = task.sample_batch(key, data=data)
+        loss, grads = jax.value_and_grad(task.loss)(params, batch)
+        return jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads), loss
+
+    def unroll(params, key, data):
+        def body(params, key):
+            if members == 1:
+                return one_step(params, key, data)
+            keys = jax.random.split(key, members)
+            return jax.vmap(one_step, in_axes=(0, 0, None))(params, keys, data)
+
+        return jax.lax.scan(body, params, jax.random.split(key, steps))
+
+    return jax.jit(unroll)
+
+
+def bench(task, members: int, steps: int, repeats: int) -> dict:
+    keys = jax.random.split(jax.random.key(0), members)
+    params = task.init(keys[0]) if members == 1 else jax.vmap(task.init)(keys)
+    unroll = make_unroll(task, members, steps)
+    start = time.perf_counter()
+    compiled = unroll.lower(params, jax.random.key(1), task.data).compile()
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(compiled(params, jax.random.key(2), task.data))  # warm-up
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, jax.random.key(3 + r), task.data))
+        times.append(time.perf_counter() - start)
+    step_ms = 1e3 * min(times) / steps
+    return {"compile_s": compile_s, "step_ms": step_ms, "member_ms": step_ms / members}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+",
+                        default=["mlp_fmnist", "cnn_cifar10", "rnn_lm", "transformer_lm"])
+    parser.add_argument("--members", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--steps", type=int, default=10, help="scanned steps per timed call")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls (the best counts)")
+    parser.add_argument("--lax-members", nargs="+", type=int, default=[1],
+                        help="population sizes for the CNN with XLA's convolution (slow)")
+    parser.add_argument("--data-dir", default=None, help="offline data (default $LOPT_DATA_DIR)")
+    args = parser.parse_args(argv)
+
+    variants = []
+    for name in args.tasks:
+        if name.startswith("cnn_cifar10"):
+            variants += [(name, {"conv_impl": "im2col"}, args.members),
+                         (name, {"conv_impl": "lax"}, args.lax_members)]
+        else:
+            variants.append((name, {}, args.members))
+
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {args.steps} steps per call, "
+          f"best of {args.repeats}")
+    print("| task | members | compile (s) | ms / step | ms / step / member "
+          "| per-member cost vs single |")
+    print("|---|---|---|---|---|---|")
+    for name, overrides, member_counts in variants:
+        task = tasks.get_task(name, data_dir=args.data_dir, **overrides)
+        label = name + "".join(f" ({v})" for v in overrides.values())
+        single = None
+        for members in member_counts:
+            r = bench(task, members, args.steps, args.repeats)
+            single = r["member_ms"] if members == 1 else single
+            ratio = f"{r['member_ms'] / single:.2f}" if single else "-"
+            print(f"| {label} | {members} | {r['compile_s']:.2f} | {r['step_ms']:.2f} | "
+                  f"{r['member_ms']:.3f} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
