@@ -172,20 +172,25 @@ class _Write(NamedTuple):
     groups: tuple[Group, ...]
     kept: tuple[bool, ...]  # here: "receives a kept input group"
     sig: tuple[int, ...]
-    row: int  # first row of this pattern's coefficients in the output leaf's kernel
+    col: int  # first column of this pattern's coefficients in its signature's kernel
 
 
 class _Plan(NamedTuple):
     reads: tuple[_Read, ...]
-    sources: dict  # signature -> tuple[_Source, ...]
-    widths: dict  # signature -> total channels
+    sources: dict  # signature -> tuple[_Source, ...] (the rows of its kernel)
+    widths: dict  # signature -> total input channels (rows of its kernel)
+    receivers: dict  # signature -> tuple[(out leaf, write index), ...] (its kernel's columns)
+    cols: dict  # signature -> total output columns
     writes: tuple[tuple[_Write, ...], ...]  # per output leaf
-    rows: tuple[int, ...]  # per output leaf: rows of its kernel
+    fan_in: tuple[int, ...]  # per output leaf: sum of the input widths of all maps into it
 
 
 @functools.lru_cache(maxsize=256)
-def _build_plan(labels: tuple[tuple[int, ...], ...], widths: tuple[int, ...]) -> _Plan:
-    """labels: per leaf, label ids of its permuted axes; widths: per leaf, c_in * fixed_in."""
+def _build_plan(
+    labels: tuple[tuple[int, ...], ...], widths: tuple[int, ...], out_widths: tuple[int, ...]
+) -> _Plan:
+    """labels: per leaf, label ids of its permuted axes; widths: per leaf, c_in * fixed_in;
+    out_widths: per leaf, features * fixed_out."""
     reads, by_sig = [], {}
     for leaf, labs in enumerate(labels):
         for groups, kept in _patterns(labs):
@@ -200,16 +205,19 @@ def _build_plan(labels: tuple[tuple[int, ...], ...], widths: tuple[int, ...]) ->
                 srcs.append(_Source(r, order, offset, width))
                 offset += width
         sources[sig], sig_widths[sig] = tuple(srcs), offset
-    writes, rows = [], []
-    for labs in labels:
-        leaf_writes, row = [], 0
+    writes, fan_in, receivers, cols = [], [], {}, {}
+    for o, labs in enumerate(labels):
+        leaf_writes, rows = [], 0
         for groups, kept in _patterns(labs):
             sig = _signature(groups, kept)
-            leaf_writes.append(_Write(groups, kept, sig, row))
-            row += sig_widths[sig]
+            receivers.setdefault(sig, []).append((o, len(leaf_writes)))
+            leaf_writes.append(_Write(groups, kept, sig, cols.get(sig, 0)))
+            cols[sig] = cols.get(sig, 0) + out_widths[o]
+            rows += sig_widths[sig]
         writes.append(tuple(leaf_writes))
-        rows.append(row)
-    return _Plan(tuple(reads), sources, sig_widths, tuple(writes), tuple(rows))
+        fan_in.append(rows)
+    receivers = {sig: tuple(r) for sig, r in receivers.items()}
+    return _Plan(tuple(reads), sources, sig_widths, receivers, cols, tuple(writes), tuple(fan_in))
 
 
 class _Leaf(NamedTuple):
@@ -232,7 +240,7 @@ def _leaf_layouts(labels: list[tuple], shapes: list[tuple]) -> list[_Leaf]:
     return out
 
 
-def _prepare(x: PyTree, spec: PyTree, features: int | None = None):
+def _prepare(x: PyTree, spec: PyTree, features: int):
     """Validate, lay out the leaves and build (or fetch) the plan."""
     label_sizes(x, spec, trailing_axes=1)  # raises PermSpecError naming the leaf
     paths, arrays, labels = flatten_with_spec(x, spec)
@@ -241,7 +249,8 @@ def _prepare(x: PyTree, spec: PyTree, features: int | None = None):
     shapes = [tuple(np.shape(a)) for a in arrays]
     leaves = _leaf_layouts(labels, [s[:-1] for s in shapes])
     widths = tuple(lf.fixed_size * s[-1] for lf, s in zip(leaves, shapes, strict=True))
-    plan = _build_plan(tuple(lf.label_ids for lf in leaves), widths)
+    out_widths = tuple(lf.fixed_size * features for lf in leaves)
+    plan = _build_plan(tuple(lf.label_ids for lf in leaves), widths, out_widths)
     return paths, arrays, labels, leaves, plan
 
 
@@ -331,6 +340,10 @@ def _canonical_partition(out_leaf: _Leaf, in_leaf: _Leaf, write: _Write, read: _
 # The layer.
 
 
+def _kernel_name(sig: tuple[int, ...]) -> str:
+    return "kernel_" + ("x".join(map(str, sig)) if sig else "pooled")
+
+
 class UNFLinear(nn.Module):
     """The universal equivariant linear layer on a weight space (all basis maps, all leaf pairs).
 
@@ -339,55 +352,68 @@ class UNFLinear(nn.Module):
 
     Call: ``layer.apply(variables, x, spec)`` with ``x`` a pytree of arrays shaped
     ``leaf_shape + (c_in,)`` and ``spec`` its permutation spec (a static Python object). Returns
-    the same pytree with ``features`` channels. Parameters: for output leaf ``o`` a kernel
-    ``kernel_{o}`` stacking the coefficient matrices of all maps into ``o`` (rows grouped by
-    output pattern; see ``basis_coefficients`` for the map of rows to basis maps) and a bias
-    ``bias_{o}`` of size ``fixed_out * features``. Their shapes depend on the spec's structure
-    and fixed-axis sizes only, so the same variables apply to any sizes of the permuted labels.
-    Kernel init: normal with std ``1/sqrt(fan_in)``, fan_in = the kernel's rows = the sum over
-    all maps into ``o`` of ``c_in * fixed_in`` (= ``c_in * fixed_in * num_maps`` when the
-    inputs have equal widths). Biases start at zero.
+    the same pytree with ``features`` channels.
+
+    Parameters: one kernel per *signature* (the labels of the axes a group of maps carries
+    from input to output, in order of first appearance in the spec: ``kernel_pooled`` for maps
+    that pool everything, ``kernel_0`` for maps that carry one axis of label 0, ``kernel_0x1``
+    ...). Its rows are the input patterns with that signature (of all input leaves), its
+    columns the output patterns with that signature (of all output leaves); the block at a
+    (row, column) pair is one basis map's ``(c_in * fixed_in) x (features * fixed_out)``
+    matrix (``basis_coefficients`` lists them by partition). One bias ``bias_{o}`` of size
+    ``fixed_out * features`` per output leaf. Shapes depend on the spec's structure and
+    fixed-axis sizes only, so the same variables apply to any sizes of the permuted labels.
+
+    Init: the coefficients of every map into output leaf ``o`` are normal with std
+    ``1/sqrt(fan_in_o)``, ``fan_in_o`` = the sum over all maps into ``o`` of ``c_in * fixed_in``
+    (= ``c_in * fixed_in * num_maps`` when the inputs have equal widths). Biases start at zero.
     """
 
     features: int
 
     @nn.compact
     def __call__(self, x: PyTree, spec: PyTree) -> PyTree:
-        paths, arrays, _, leaves, plan = _prepare(x, spec)
-        kernels, biases = [], []
-        for o, lf in enumerate(leaves):
-            cols = lf.fixed_size * self.features
-            std = 1.0 / math.sqrt(plan.rows[o])
-            kernels.append(
-                self.param(f"kernel_{o}", nn.initializers.normal(std), (plan.rows[o], cols))
+        _, arrays, _, leaves, plan = _prepare(x, spec, self.features)
+        kernels = {}
+        for sig, recv in plan.receivers.items():
+            # std 1/sqrt(fan_in of the receiving output leaf), column block by column block.
+            col_std = np.concatenate([
+                np.full(leaves[o].fixed_size * self.features, 1.0 / math.sqrt(plan.fan_in[o]))
+                for o, _ in recv
+            ])
+            kernels[sig] = self.param(
+                _kernel_name(sig), _scaled_normal(col_std), (plan.widths[sig], plan.cols[sig])
             )
-            biases.append(self.param(f"bias_{o}", nn.initializers.zeros, (cols,)))
+        biases = [
+            self.param(f"bias_{o}", nn.initializers.zeros, (lf.fixed_size * self.features,))
+            for o, lf in enumerate(leaves)
+        ]
         return _apply(plan, leaves, arrays, kernels, biases, self.features, x)
 
 
+def _scaled_normal(col_std: np.ndarray):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.normal(key, shape, dtype) * jnp.asarray(col_std, dtype)
+
+    return init
+
+
 def _apply(plan: _Plan, leaves, arrays, kernels, biases, features: int, x_tree) -> PyTree:
-    dtype = jnp.result_type(*arrays, *kernels)
+    dtype = jnp.result_type(*arrays, *kernels.values())
     internal = [
         _to_internal(jnp.asarray(a, dtype), lf) for a, lf in zip(arrays, leaves, strict=True)
     ]
     # 1. Each input pattern of each leaf, once.
     reads = [_read(internal[r.leaf], r.groups, r.kept) for r in plan.reads]
     # 2.-3. One concatenation and one matmul per signature, for every receiving output pattern.
-    receivers: dict = {}
-    for o, leaf_writes in enumerate(plan.writes):
-        for w, wr in enumerate(leaf_writes):
-            receivers.setdefault(wr.sig, []).append((o, w))
     mixed: dict = {}
-    for sig, recv in receivers.items():
+    for sig, recv in plan.receivers.items():
         xs = [jnp.transpose(reads[s.read], s.order + (len(sig),)) for s in plan.sources[sig]]
         xcat = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)
-        width = plan.widths[sig]
-        ws = [kernels[o][plan.writes[o][w].row : plan.writes[o][w].row + width] for o, w in recv]
-        z = xcat @ (ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=1))
-        start = 0
-        for (o, w), wmat in zip(recv, ws, strict=True):
-            mixed[(o, w)] = z[..., start : start + wmat.shape[1]]
-            start += wmat.shape[1]
+        z = xcat @ kernels[sig]
+        for o, w in recv:
+            col = plan.writes[o][w].col
+            mixed[(o, w)] = z[..., col : col + leaves[o].fixed_size * features]
     # 4. Write diagonals / broadcast, sum per output leaf (smallest terms first).
     outs = []
     for o, lf in enumerate(leaves):
@@ -415,17 +441,22 @@ def basis_coefficients(variables: PyTree, x: PyTree, spec: PyTree) -> tuple[dict
     Used to check the layer against a plain reference and to count its maps.
     """
     params = variables["params"] if "params" in variables else variables
-    _, _, _, leaves, plan = _prepare(x, spec)
+    _, arrays, labels = flatten_with_spec(x, spec)
+    leaves0 = _leaf_layouts(labels, [tuple(np.shape(a))[:-1] for a in arrays])
+    features = params["bias_0"].shape[0] // leaves0[0].fixed_size
+    _, _, _, leaves, plan = _prepare(x, spec, features)
     coeffs = {}
-    for o, leaf_writes in enumerate(plan.writes):
-        kernel = params[f"kernel_{o}"]
-        for wr in leaf_writes:
-            for s in plan.sources[wr.sig]:
+    for sig, recv in plan.receivers.items():
+        kernel = params[_kernel_name(sig)]
+        for o, w in recv:
+            wr = plan.writes[o][w]
+            cols = leaves[o].fixed_size * features
+            for s in plan.sources[sig]:
                 rd = plan.reads[s.read]
                 part = _canonical_partition(leaves[o], leaves[rd.leaf], wr, rd, s.order)
                 key = (o, rd.leaf, part)
                 assert key not in coeffs, key  # every map appears exactly once
-                coeffs[key] = kernel[wr.row + s.offset : wr.row + s.offset + s.width]
+                coeffs[key] = kernel[s.offset : s.offset + s.width, wr.col : wr.col + cols]
     biases = [params[f"bias_{o}"] for o in range(len(leaves))]
     return coeffs, biases
 

@@ -230,12 +230,13 @@ def test_layer_has_one_matrix_per_basis_map(name):
         assert counts[(o, i)] == lo.num_basis_terms(labels[o], labels[i])
         parts = sorted(p for oo, ii, p in coeffs if (oo, ii) == (o, i))
         assert parts == ref.basis_partitions(labels[o], labels[i])
-    # And the kernels hold nothing else: total rows == sum over maps of the input width.
+    # And the kernels hold nothing else: their sizes add up to the maps' matrices.
     _, arrays, labs = flatten_with_spec(x, spec)
-    widths = [int(np.prod([a.shape[k] for k, lab in enumerate(li) if lab is None])) * 2
-              for a, li in zip(arrays, labs, strict=True)]
-    rows = sum(v.shape[0] for k, v in variables["params"].items() if k.startswith("kernel"))
-    assert rows == sum(widths[i] for _, i, _ in coeffs)
+    fixed = [int(np.prod([a.shape[k] for k, lab in enumerate(li) if lab is None]))
+             for a, li in zip(arrays, labs, strict=True)]
+    total = sum(v.size for k, v in variables["params"].items() if k.startswith("kernel"))
+    assert total == sum(fixed[i] * 2 * fixed[o] * 3 for o, i, _ in coeffs)
+    assert all(coeffs[k].shape == (fixed[k[1]] * 2, fixed[k[0]] * 3) for k in coeffs)
 
 
 # ---------------------------------------------------------------------------------------------
