@@ -280,7 +280,7 @@ def main():
             for model in args.models.split(","):
                 n = count_params(task, spec_kind, model)
                 if model == "f":
-                    n += 3  # the paper's counts include 3 nominal meta-parameters (alpha, beta, decay)
+                    n += 3  # the paper counts 3 nominal meta-parameters (alpha, beta, decay)
                 paper = PAPER_F[task] if model == "f" else None
                 if n > args.max_params:
                     print(f"| {task} | {spec_kind} | {model} | {n:,} | {fmt(paper)} | not run: "
