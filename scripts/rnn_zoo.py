@@ -166,8 +166,16 @@ def _train_chunk(cfg: ZooConfig, ids: np.ndarray, hp: dict, train, test, log_eve
     }
 
 
-def build(cfg: ZooConfig, out: Path, log_every: int = 500) -> dict[str, np.ndarray]:
-    """Train the zoo into ``out`` (resuming from finished chunks) and return zoo.npz's arrays."""
+def build(cfg: ZooConfig, out: Path, log_every: int = 500, worker: int = 0,
+          workers: int = 1) -> dict[str, np.ndarray] | None:
+    """Train the zoo into ``out`` (resuming from finished chunks) and return zoo.npz's arrays.
+
+    With ``workers > 1``, this process trains only every ``workers``-th chunk (starting at
+    ``worker``), so that several processes (one per core or device) share a build; the one
+    that finds every chunk done writes zoo.npz, the others return None.
+    """
+    if not 0 <= worker < workers:
+        raise ValueError(f"worker must be in [0, workers), got worker={worker}, workers={workers}")
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
     cfg_dict = dataclasses.asdict(cfg)
@@ -189,7 +197,7 @@ def build(cfg: ZooConfig, out: Path, log_every: int = 500) -> dict[str, np.ndarr
     print(f"zoo: {cfg.num_models} models in {len(todo)} chunks on {jax.devices()[0].platform}",
           flush=True)
     trained = 0
-    for name, ids in todo:
+    for name, ids in todo[worker::workers]:
         path = chunk_dir / f"{name}.npz"
         if path.exists():
             print(f"  chunk {name}: done earlier, skipped", flush=True)
@@ -203,6 +211,11 @@ def build(cfg: ZooConfig, out: Path, log_every: int = 500) -> dict[str, np.ndarr
         trained += len(ids)
         print(f"  chunk {name}: {time.time() - t:.1f} s, success rate median "
               f"{np.median(arrays['success']):.3f} max {arrays['success'].max():.3f}", flush=True)
+    missing = [name for name, _ in todo if not (chunk_dir / f"{name}.npz").exists()]
+    if missing:
+        print(f"worker {worker}: done in {time.time() - t0:.1f} s; chunks {missing} belong to "
+              "other workers: run build again when they finish to write zoo.npz", flush=True)
+        return None
     zoo = gather(cfg, out, hp)
     np.savez_compressed(out / "zoo.npz", **zoo)
     elapsed = time.time() - t0
@@ -447,7 +460,8 @@ def save_scatter(pred: np.ndarray, true: np.ndarray, path: Path, title: str) -> 
 def main_predict(args) -> None:
     t0 = time.time()
     pcfg = PredictConfig(method=args.method, epochs=args.epochs, seed=args.seed,
-                         batch_size=args.batch_size, lr=args.lr)
+                         batch_size=args.batch_size, lr=args.lr, channels=args.channels,
+                         layers=args.layers)
     cfg, zoo, params = load_zoo(Path(args.zoo))
     spec = addition.perm_spec(params)
     print(f"predict {pcfg.method} on {args.zoo}: {cfg.num_models} models, split sizes "
@@ -459,7 +473,8 @@ def main_predict(args) -> None:
     save_scatter(res["test_pred"], res["test_true"], plot,
                  f"{pcfg.method} seed {pcfg.seed}: tau {res['kendall_tau']:.3f}, "
                  f"R2 {res['r2']:.3f}")
-    summary = {"method": pcfg.method, "seed": pcfg.seed, "kendall_tau": res["kendall_tau"],
+    summary = {"method": pcfg.method, "seed": pcfg.seed, "channels": pcfg.channels,
+               "layers": pcfg.layers, "kendall_tau": res["kendall_tau"],
                "r2": res["r2"], "val_kendall_tau": res["val_kendall_tau"],
                "best_epoch": res["best_epoch"], "epochs": pcfg.epochs,
                "num_test": int(len(res["test_true"])),
@@ -478,7 +493,9 @@ def _zoo_config_from_args(args) -> ZooConfig:
 def main_build(args) -> None:
     cfg = _zoo_config_from_args(args)
     out = Path(args.out)
-    zoo = build(cfg, out, log_every=args.log_every)
+    zoo = build(cfg, out, log_every=args.log_every, worker=args.worker, workers=args.workers)
+    if zoo is None:
+        return
     counts = save_histogram(zoo["success"], out / "success_hist.png",
                             f"{cfg.num_models} GRUs, hidden {cfg.hidden}, {cfg.digits} digits")
     print("success-rate histogram (10 bins of [0, 1]):", counts.tolist())
@@ -503,6 +520,9 @@ def parse_args(argv=None):
     b.add_argument("--chunk-size", dest="chunk_size", type=int)
     b.add_argument("--seed", type=int)
     b.add_argument("--log-every", dest="log_every", type=int, default=500)
+    b.add_argument("--worker", type=int, default=0, help="this process's index (see --workers)")
+    b.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the build: each trains every N-th chunk")
     p = sub.add_parser("predict", help="train and test a success-rate predictor")
     p.add_argument("--zoo", required=True, help="zoo directory written by build")
     p.add_argument("--method", choices=METHODS, required=True)
@@ -510,6 +530,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--channels", type=int, default=16, help="unf/deepset: channels per layer")
+    p.add_argument("--layers", type=int, default=3, help="unf/deepset: equivariant layers")
     p.add_argument("--plot", help="scatter plot PNG (default: ZOO/scatter_METHOD_seedK.png)")
     return parser.parse_args(argv)
 

@@ -130,7 +130,10 @@ def test_weight_space_predictor_is_invariant_to_hidden_unit_permutations(method)
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
     out = tmp_path_factory.mktemp("zoo")
-    zoo = rnn_zoo.build(TINY, out, log_every=TINY.steps)
+    # Two workers share the build: the first to finish leaves the other's chunk to it.
+    assert rnn_zoo.build(TINY, out, log_every=TINY.steps, worker=1, workers=2) is None
+    assert len(list((out / "chunks").glob("*.npz"))) == 1
+    zoo = rnn_zoo.build(TINY, out, log_every=TINY.steps, worker=0, workers=2)
     return out, zoo
 
 
