@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import jax
@@ -82,7 +81,8 @@ def make_unroll(task, init_fn, update_fn, steps):
     return jax.jit(unroll)
 
 
-def time_optimizer(task, params, tx, steps, repeats):
+def compile_optimizer(task, params, tx, steps):
+    """Compile K steps of ``tx`` on ``task``; also count its state floats per parameter."""
     opt_state = tx.init(params)
     unroll = make_unroll(task, tx.init, tx.update, steps)
     key = jax.random.key(0)
@@ -90,16 +90,27 @@ def time_optimizer(task, params, tx, steps, repeats):
     compiled = unroll.lower(params, opt_state, key).compile()
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(params, opt_state, key))  # warm-up
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, opt_state, jax.random.key(i + 1)))
-        times.append((time.perf_counter() - t0) / steps)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     state_floats = sum(x.size for x in jax.tree.leaves(opt_state)
                        if jnp.issubdtype(x.dtype, jnp.floating))
-    return dict(compile_s=compile_s, step_ms=1e3 * statistics.median(times),
+    return dict(fn=compiled, args=(params, opt_state), compile_s=compile_s,
                 floats_per_param=state_floats / n_params)
+
+
+def time_round_robin(runs, steps, repeats):
+    """Per-step ms of every run: the minimum over ``repeats`` rounds that time each run once.
+
+    Interleaving the runs and taking the minimum keeps the ratios meaningful on a machine that
+    other jobs share (a slow round hits every optimizer alike; the minimum drops the noise).
+    """
+    times = {label: [] for label in runs}
+    for i in range(repeats):
+        for label, r in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(r["fn"](*r["args"], jax.random.key(i + 1)))
+            times[label].append((time.perf_counter() - t0) / steps)
+    for label, r in runs.items():
+        r["step_ms"] = 1e3 * min(times[label])
 
 
 class _NoOpt:
@@ -110,23 +121,24 @@ class _NoOpt:
 
 
 def speed_table(task_names, methods, steps, repeats):
-    print(f"\n## Step time ({steps} steps per jitted scan, median of {repeats}; ratio to "
-          "optax.adam measured in the same process)\n")
+    print(f"\n## Step time ({steps} steps per jitted scan, minimum over {repeats} interleaved "
+          "rounds; ratio to optax.adam measured in the same process)\n")
     print("| task | optimizer | step ms | / adam | compile s | / adam | state floats/param |")
     print("|---|---|---|---|---|---|---|")
     for name in task_names:
         task = tasks.get_task(name)
         params = task.init(jax.random.key(0))
-        base = time_optimizer(task, params, optax.adam(1e-3), steps, repeats)
-        rows = [("task fwd+bwd+sgd", time_optimizer(task, params, _NoOpt, steps, repeats)),
-                ("optax.adam", base)]
+        runs = {"task fwd+bwd+sgd": compile_optimizer(task, params, _NoOpt, steps),
+                "optax.adam": compile_optimizer(task, params, optax.adam(1e-3), steps)}
         for method in methods:
             if method == "nfn" and name not in NFN_TASKS:
                 continue
             lopt = learned_opt.learned_optimizer(method, params, task.perm_spec)
             tx = lopt.as_optax(lopt.init(jax.random.key(1)))
-            rows.append((method, time_optimizer(task, params, tx, steps, repeats)))
-        for label, r in rows:
+            runs[method] = compile_optimizer(task, params, tx, steps)
+        time_round_robin(runs, steps, repeats)
+        base = runs["optax.adam"]
+        for label, r in runs.items():
             print(f"| {name} | {label} | {r['step_ms']:.3f} | {r['step_ms'] / base['step_ms']:.2f}"
                   f" | {r['compile_s']:.2f} | {r['compile_s'] / base['compile_s']:.1f} | "
                   f"{r['floats_per_param']:.2f} |", flush=True)
@@ -137,7 +149,7 @@ def main():
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), help="task names")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help="learned optimizers")
     ap.add_argument("--steps", type=int, default=20, help="inner steps per timed scan")
-    ap.add_argument("--repeats", type=int, default=5, help="timed scans (median reported)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed rounds (minimum reported)")
     ap.add_argument("--counts-only", action="store_true", help="only the count table")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, "

@@ -95,13 +95,6 @@ def warm_state(update, lopt, meta, params, seed, steps=2):
     return state
 
 
-def permute_state(state, spec, perms):
-    fm = state.feature_momenta
-    return LearnedOptimizerState(
-        step=state.step, momentum=permute(state.momentum, spec, perms),
-        feature_momenta=fm if fm == () else permute(fm, spec, perms))
-
-
 def assert_trees_close(a, b, **kw):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
@@ -153,22 +146,14 @@ def test_update_is_equivariant(method, space):
     p_updates, _ = update(meta, p_state, perm(grads, perms), perm(params, perms))
     assert_trees_close(p_updates, perm(updates, perms), rtol=1e-4, atol=1e-6)
 
-
-def test_equivariance_test_can_fail():
-    """A permutation of the parameters alone (not of the state) changes the updates."""
-    shapes, spec = mlp_space()
-    params = random_tree(1, shapes)
-    lopt = learned_opt.learned_optimizer("unf", params, spec)
-    meta = lopt.init(jax.random.key(2))
-    meta["beta"] = jnp.float32(1.0)
-    state = warm_state(jax.jit(lopt.update), lopt, meta, params, 3)
-    grads = random_tree(4, shapes)
-    perms = {"h": jnp.roll(jnp.arange(5), 1)}
-    updates, _ = lopt.update(meta, state, grads, params)
-    wrong, _ = lopt.update(meta, state, permute(grads, spec, perms), permute(params, spec, perms))
-    diff = max(np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
-        jax.tree.leaves(wrong), jax.tree.leaves(permute(updates, spec, perms)), strict=True))
-    assert diff > 1e-4
+    # The check can fail: the same inputs with the parameters (only) permuted another way give
+    # updates that are not the permuted ones.
+    other = numpy_permutations(6, label_sizes(params, sp))
+    wrong, _ = update(meta, p_state, perm(grads, perms), perm(params, other))
+    diffs = [np.abs(np.asarray(a) - np.asarray(b)).max()
+             for a, b in zip(jax.tree.leaves(wrong), jax.tree.leaves(perm(updates, perms)),
+                             strict=True)]
+    assert max(diffs) > 1e-4 * alpha
 
 
 def test_nfn_rejects_other_weight_spaces():
@@ -205,7 +190,7 @@ def test_beta_zero_is_exactly_sgd_momentum(method):
 def test_nominal_init_values_and_counts():
     shapes, spec = mlp_space()
     params = random_tree(0, shapes)
-    for name in learned_opt.list_optimizers():
+    for name in ("unf", "sgdm"):
         lopt = learned_opt.learned_optimizer(name, params, spec)
         meta = lopt.init(jax.random.key(0))
         nom = lopt.nominal(meta)
@@ -250,17 +235,17 @@ def test_built_on_32_units_updates_128_units():
     shapes128, _ = mlp_space(hidden=128, n_in=64, n_out=10)
     p32 = random_tree(0, shapes32)
     p128 = random_tree(1, shapes128)
-    for name in ("unf", "deepset", "nfn", "unf_deep"):
+    for name in ("unf", "nfn"):
         small = learned_opt.learned_optimizer(name, p32, spec)
         meta = small.init(jax.random.key(2))
         meta["beta"] = jnp.float32(1.0)
         state = small.init_state(meta, p128)
         grads = random_tree(3, shapes128)
-        updates, state = small.update(meta, state, grads, p128)
+        updates, state = jax.jit(small.update)(meta, state, grads, p128)
         assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, p128)
         # The same function as an optimizer built on the large network directly.
         big = learned_opt.learned_optimizer(name, p128, spec)
-        ref, _ = big.update(meta, big.init_state(meta, p128), grads, p128)
+        ref, _ = jax.jit(big.update)(meta, big.init_state(meta, p128), grads, p128)
         assert_trees_close(updates, ref, rtol=1e-6, atol=1e-7)
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
@@ -332,8 +317,9 @@ def test_vmap_over_population_matches_loop():
     stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
     batched, _ = jax.jit(jax.vmap(lopt.update, in_axes=(0, 0, 0, 0)))(
         stack(metas), stack(states), stack(grads), stack([params] * 3))
+    update = jax.jit(lopt.update)
     for i in range(3):
-        single, _ = lopt.update(metas[i], states[i], grads[i], params)
+        single, _ = update(metas[i], states[i], grads[i], params)
         assert_trees_close(jax.tree.map(lambda x, i=i: x[i], batched), single,
                            rtol=1e-5, atol=1e-7)
 
@@ -344,7 +330,8 @@ def test_vmap_over_population_matches_loop():
 def test_as_optax_requires_params_and_composes():
     shapes, spec = mlp_space()
     params = random_tree(0, shapes)
-    lopt = learned_opt.learned_optimizer("deepset", params, spec)
+    # The composition does not depend on the method: sgdm (no network) keeps this test fast.
+    lopt = learned_opt.learned_optimizer("sgdm", params, spec)
     meta = lopt.init(jax.random.key(1))
     tx = lopt.as_optax(meta)
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
@@ -386,10 +373,10 @@ def test_as_optax_trains_mlp_task():
 
     opt_state = tx.init(params)
     losses = []
-    for i in range(150):
+    for i in range(100):
         params, opt_state, loss = step(params, opt_state, jax.random.key(100 + i))
         losses.append(float(loss))
-    first, last = np.mean(losses[:15]), np.mean(losses[-15:])
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert first > math.log(10) * 0.8
     assert last < 0.8 * first, (first, last)
 
