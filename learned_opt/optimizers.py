@@ -469,5 +469,10 @@ def learned_optimizer(name: str, params: PyTree, perm_spec: PyTree = None,
     if network is not None:
         # Trace the network once now, so that a weight space the method cannot handle fails at
         # build time with the layer's own message rather than inside the first jitted step.
-        jax.eval_shape(lopt.init, jax.random.key(0))
+        try:
+            jax.eval_shape(lopt.init, jax.random.key(0))
+        except PermSpecError as e:
+            raise PermSpecError(f"learned optimizer {name!r} cannot handle this weight space"
+                                + (" (nfn supports MLP and CNN weight spaces only)"
+                                   if name == "nfn" else "") + f": {e}") from e
     return lopt

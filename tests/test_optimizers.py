@@ -159,7 +159,7 @@ def test_update_is_equivariant(method, space):
 def test_nfn_rejects_other_weight_spaces():
     shapes, spec = rnn_space()
     params = random_tree(0, shapes)
-    with pytest.raises(ValueError):
+    with pytest.raises(PermSpecError, match="nfn supports MLP and CNN weight spaces only"):
         learned_opt.learned_optimizer("nfn", params, spec)
 
 
