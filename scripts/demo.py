@@ -25,7 +25,7 @@ sys.path.insert(0, str(_ROOT))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run directory")
-    p.add_argument("--outer-steps", type=int, default=800, help="PES outer steps")
+    p.add_argument("--outer-steps", type=int, default=600, help="PES outer steps")
     p.add_argument("--outer-lr", type=float, default=0.003, help="outer Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="meta-training seed")
     p.add_argument("--seeds", type=int, default=5, help="evaluation seeds (100, 101, ...)")
