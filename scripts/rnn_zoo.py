@@ -120,6 +120,16 @@ def chunks(cfg: ZooConfig, batch_size: np.ndarray) -> list[tuple[str, np.ndarray
     return out
 
 
+def assign_chunks(todo: list, batch_size: np.ndarray, workers: int) -> list[list]:
+    """Split chunks between workers, balancing the cost models x batch size (longest first)."""
+    loads, out = [0] * workers, [[] for _ in range(workers)]
+    for name, ids in sorted(todo, key=lambda c: -len(c[1]) * int(batch_size[c[1][0]])):
+        w = loads.index(min(loads))
+        out[w].append((name, ids))
+        loads[w] += len(ids) * int(batch_size[ids[0]])
+    return out
+
+
 def flat_params(params: PyTree) -> dict[str, np.ndarray]:
     """{'encoder/hn/bias': array, ...} (the zoo's on-disk layout, leading model axis)."""
     return {"/".join(str(k.key) for k in path): np.asarray(x)
@@ -170,9 +180,9 @@ def build(cfg: ZooConfig, out: Path, log_every: int = 500, worker: int = 0,
           workers: int = 1) -> dict[str, np.ndarray] | None:
     """Train the zoo into ``out`` (resuming from finished chunks) and return zoo.npz's arrays.
 
-    With ``workers > 1``, this process trains only every ``workers``-th chunk (starting at
-    ``worker``), so that several processes (one per core or device) share a build; the one
-    that finds every chunk done writes zoo.npz, the others return None.
+    With ``workers > 1``, this process trains only its share of the chunks (``assign_chunks``),
+    so that several processes (one per core or device) share a build; the one that finds every
+    chunk done writes zoo.npz, the others return None.
     """
     if not 0 <= worker < workers:
         raise ValueError(f"worker must be in [0, workers), got worker={worker}, workers={workers}")
@@ -197,7 +207,7 @@ def build(cfg: ZooConfig, out: Path, log_every: int = 500, worker: int = 0,
     print(f"zoo: {cfg.num_models} models in {len(todo)} chunks on {jax.devices()[0].platform}",
           flush=True)
     trained = 0
-    for name, ids in todo[worker::workers]:
+    for name, ids in assign_chunks(todo, hp["batch_size"], workers)[worker]:
         path = chunk_dir / f"{name}.npz"
         if path.exists():
             print(f"  chunk {name}: done earlier, skipped", flush=True)
@@ -505,6 +515,50 @@ def main_build(args) -> None:
                       "histogram": counts.tolist()}))
 
 
+def main_cost(args) -> None:
+    """Measure the training cost per model-step and extrapolate the build (a benchmark table)."""
+    import resource
+
+    cfg = _zoo_config_from_args(args)
+    hp = hyperparameters(cfg)
+    train, _ = problem_sets(cfg)
+    task = cfg.task
+    m = min(cfg.chunk_size, cfg.num_models)
+    train_fn = jax.jit(addition.train_models, static_argnums=(0, 4, 5))
+
+    def cpu_seconds():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    print(f"{m} models x {args.probe_steps} steps per batch size on "
+          f"{jax.devices()[0].platform}; CPU time counts all threads of this process")
+    print("| batch | compile+first wall s | CPU ms / model-step | wall ms / model-step |")
+    print("|---|---|---|---|")
+    cost = {}
+    for b in cfg.batch_sizes:
+        state = addition.init_models(task, jnp.arange(m, dtype=jnp.uint32))
+        lrs = jnp.full((m,), 1e-3)
+        t = time.time()
+        state, loss = train_fn(task, state, lrs, train, b, args.probe_steps, 0)
+        loss.block_until_ready()
+        first = time.time() - t
+        t, c = time.time(), cpu_seconds()
+        state, loss = train_fn(task, state, lrs, train, b, args.probe_steps, args.probe_steps)
+        loss.block_until_ready()
+        wall, cpu = time.time() - t, cpu_seconds() - c
+        cost[b] = cpu / (m * args.probe_steps)
+        per_step = 1e3 / (m * args.probe_steps)
+        print(f"| {b} | {first:.1f} | {cpu * per_step:.3f} | {wall * per_step:.3f} |")
+    todo = chunks(cfg, hp["batch_size"])
+    for workers in (1, 2):
+        shares = assign_chunks(todo, hp["batch_size"], workers)
+        per_worker = [sum(len(ids) * cost[int(hp["batch_size"][ids[0]])] * cfg.steps
+                          for _, ids in share) for share in shares]
+        print(f"extrapolated build, {workers} worker(s): CPU seconds per worker "
+              f"{[round(x) for x in per_worker]} -> about {max(per_worker) / 60:.0f} min on "
+              f"{workers} dedicated core(s) if each worker gets one core")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -522,7 +576,12 @@ def parse_args(argv=None):
     b.add_argument("--log-every", dest="log_every", type=int, default=500)
     b.add_argument("--worker", type=int, default=0, help="this process's index (see --workers)")
     b.add_argument("--workers", type=int, default=1,
-                   help="processes sharing the build: each trains every N-th chunk")
+                   help="processes sharing the build: each trains its share of the chunks")
+    c = sub.add_parser("cost", help="measure CPU cost per model-step, extrapolate the build")
+    c.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    for flag in ("num-models", "hidden", "digits", "steps", "chunk-size", "seed"):
+        c.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
+    c.add_argument("--probe-steps", dest="probe_steps", type=int, default=100)
     p = sub.add_parser("predict", help="train and test a success-rate predictor")
     p.add_argument("--zoo", required=True, help="zoo directory written by build")
     p.add_argument("--method", choices=METHODS, required=True)
@@ -538,10 +597,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.command == "build":
-        main_build(args)
-    else:
-        main_predict(args)
+    {"build": main_build, "cost": main_cost, "predict": main_predict}[args.command](args)
 
 
 if __name__ == "__main__":
