@@ -1,0 +1,58 @@
+"""learned_opt: permutation-equivariant weight-space networks and learned optimizers in JAX.
+
+Weight-space layers (UNF, Deep Set, NFN), permutation specs and their checks, learned optimizers
+with an inner-loop interface and an optax adapter, checkpoints, and hand-designed baselines.
+"""
+
+from learned_opt import hand_designed
+from learned_opt.check import check_perm_spec
+from learned_opt.checkpoint import CheckpointError, load, load_optax, save
+from learned_opt.deepset import DeepSetLinear
+from learned_opt.infer import infer_perm_spec
+from learned_opt.nfn import NFNLinear
+from learned_opt.optimizers import (
+    LearnedOptimizer,
+    LearnedOptimizerConfig,
+    LearnedOptimizerState,
+    learned_optimizer,
+    list_optimizers,
+)
+from learned_opt.spec import (
+    PermSpecError,
+    label_sizes,
+    permute,
+    random_permutations,
+    spec_leaves,
+)
+from learned_opt.statnn import statnn_features
+from learned_opt.unf import UNF, InvariantUNF, UNFLinear, num_basis_terms
+
+__all__ = [
+    # Permutation specs.
+    "PermSpecError",
+    "label_sizes",
+    "permute",
+    "random_permutations",
+    "spec_leaves",
+    "check_perm_spec",
+    "infer_perm_spec",
+    # Weight-space layers and networks.
+    "UNFLinear",
+    "UNF",
+    "InvariantUNF",
+    "num_basis_terms",
+    "DeepSetLinear",
+    "NFNLinear",
+    "statnn_features",
+    # Learned optimizers.
+    "LearnedOptimizer",
+    "LearnedOptimizerConfig",
+    "LearnedOptimizerState",
+    "learned_optimizer",
+    "list_optimizers",
+    "save",
+    "load",
+    "load_optax",
+    "CheckpointError",
+    "hand_designed",
+]
