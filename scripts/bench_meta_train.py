@@ -30,21 +30,17 @@ def parse_args(argv=None):
     p.add_argument("--populations", nargs="+", type=int, default=[8, 16, 64])
     p.add_argument("--truncation", type=int, default=20, help="K inner steps per outer step")
     p.add_argument("--horizon", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=5, help="timed outer steps per measurement")
+    p.add_argument("--repeats", type=int, default=10, help="timed outer steps per measurement")
     p.add_argument("--no-shard", action="store_true", help="use one device only")
     return p.parse_args(argv)
 
 
-def _median_time(fn, repeats):
+def _time(fn):
     import jax
 
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
 
 
 def bench_one(task_name, optimizer, population, truncation, horizon, repeats, shard):
@@ -72,7 +68,6 @@ def bench_one(task_name, optimizer, population, truncation, horizon, repeats, sh
     jax.block_until_ready(step())
     compile_step = time.perf_counter() - t0
     step()  # one more warm-up step (first resets done)
-    step_s = _median_time(step, repeats)
 
     # The same inner steps with the same learned optimizer, without the estimator.
     problem = setup.estimator.problem
@@ -96,7 +91,12 @@ def bench_one(task_name, optimizer, population, truncation, horizon, repeats, sh
         inner, loss = unroll_only(meta, inner)
         return loss
 
-    unroll_s = _median_time(run_unroll, repeats)
+    # Alternate the two measurements so that a change of machine load hits both alike.
+    step_times, unroll_times = [], []
+    for _ in range(repeats):
+        step_times.append(_time(step))
+        unroll_times.append(_time(run_unroll))
+    step_s, unroll_s = float(np.median(step_times)), float(np.median(unroll_times))
     return {
         "task": task_name, "population": population, "devices": setup.mesh.size,
         "meta_params": setup.lopt.num_meta_params(),
