@@ -41,7 +41,7 @@ class MetaTrainConfig:
     truncation: int = _field(20, "K: inner steps per outer step (pes)")
     horizon: int = _field(200, "T: inner steps of an episode (a multiple of K for pes)")
     outer_steps: int = _field(1000, "number of outer (meta-parameter) updates")
-    outer_lr: float = _field(1e-2, "learning rate of the outer Adam")
+    outer_lr: float = _field(3e-3, "learning rate of the outer Adam")
     clip: float = _field(1.0, "global-norm clipping of the ES gradient before Adam")
     std: float = _field(0.01, "perturbation standard deviation")
     objective: str = _field("mean", "meta-objective: mean (training loss over each unroll) or "

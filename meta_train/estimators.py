@@ -132,7 +132,7 @@ class _Base:
         self.fitness_shaping = fitness_shaping
         self.member_sharding = member_sharding
         self.strategy = self._build(
-            meta_template, optimizer or outer_optimizer(1e-2), FITNESS_SHAPING[fitness_shaping]
+            meta_template, optimizer or outer_optimizer(3e-3), FITNESS_SHAPING[fitness_shaping]
         )
 
     def _build(self, template, optimizer, shaping):

@@ -10,18 +10,16 @@ Antithetic pairs: member ``i`` and member ``i + N/2`` always share their task in
 their batches (both are derived from the pair index ``i mod N/2``), so the difference of their
 losses measures the perturbation, not the data.
 
-Example:
-  >>> import jax, tasks, learned_opt
-  >>> task = tasks.get_task("mlp_fmnist_tiny")                       # doctest: +SKIP
-  >>> lopt = learned_opt.learned_optimizer("sgdm", task.init(jax.random.PRNGKey(0)))  # +SKIP
-  >>> problem = InnerProblem(task, lopt, loss_cap=10.0)               # doctest: +SKIP
-  >>> meta = lopt.init(jax.random.PRNGKey(1))                          # doctest: +SKIP
-  >>> pop = jax.tree.map(lambda x: jnp.stack([x] * 4), meta)           # doctest: +SKIP
-  >>> state = problem.init(meta, 4)                                    # doctest: +SKIP
-  >>> state = problem.reset(pop, state, jnp.ones(4, bool), jax.random.PRNGKey(2), 20)  # +SKIP
-  >>> state, out = problem.unroll(pop, state, 10)                      # doctest: +SKIP
-  >>> out.losses.shape                                                 # doctest: +SKIP
-  (4, 10)
+Example (``tasks`` and ``learned_opt`` of this project)::
+
+    task = tasks.get_task("mlp_fmnist_tiny")
+    lopt = learned_opt.learned_optimizer("sgdm", task.init(jax.random.PRNGKey(0)))
+    problem = InnerProblem(task, lopt, loss_cap=10.0)
+    meta = lopt.init(jax.random.PRNGKey(1))
+    population = jax.tree.map(lambda x: jnp.stack([x] * 4), meta)   # 4 members
+    state = problem.init(meta, 4)                                  # all due for a reset
+    state = problem.reset(population, state, jnp.ones(4, bool), jax.random.PRNGKey(2), 20)
+    state, out = problem.unroll(population, state, 10)             # out.losses: [4, 10]
 """
 
 from __future__ import annotations
