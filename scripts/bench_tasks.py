@@ -4,7 +4,8 @@ For each task: the step alone and vmapped over a population of members (every me
 own parameters and samples its own batch), inside one ``jit`` + ``lax.scan`` over steps with the
 data passed as an argument. Prints a markdown table: compile time (seconds, separate), run time
 per step, per member, and the per-member cost relative to the single run measured in the same
-process. The CNN is timed with both convolution implementations (XLA's only for ``--lax-members``).
+process; then the compile cost of closing over the data. The CNN is timed with both
+convolution implementations (XLA's only for ``--lax-members``).
 
 Usage:
   LOPT_DATA_DIR=/work/shared/data nice -n 10 .venv/bin/python scripts/bench_tasks.py \
@@ -61,6 +62,18 @@ def bench(task, members: int, steps: int, repeats: int) -> dict:
     return {"compile_s": compile_s, "step_ms": step_ms, "member_ms": step_ms / members}
 
 
+def bench_constants(task) -> tuple[float, float]:
+    """Compile seconds of a jitted sampler that closes over the data vs takes it as argument."""
+    closed = jax.jit(lambda key: task.sample_batch(key))
+    passed = jax.jit(lambda key, data: task.sample_batch(key, data=data))
+    start = time.perf_counter()
+    closed.lower(jax.random.key(0)).compile()
+    closed_s = time.perf_counter() - start
+    start = time.perf_counter()
+    passed.lower(jax.random.key(0), task.data).compile()
+    return closed_s, time.perf_counter() - start
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+",
@@ -68,7 +81,7 @@ def main(argv=None):
     parser.add_argument("--members", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--steps", type=int, default=10, help="scanned steps per timed call")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls (the best counts)")
-    parser.add_argument("--lax-members", nargs="+", type=int, default=[1],
+    parser.add_argument("--lax-members", nargs="*", type=int, default=[1],
                         help="population sizes for the CNN with XLA's convolution (slow)")
     parser.add_argument("--data-dir", default=None, help="offline data (default $LOPT_DATA_DIR)")
     args = parser.parse_args(argv)
@@ -96,6 +109,17 @@ def main(argv=None):
             ratio = f"{r['member_ms'] / single:.2f}" if single else "-"
             print(f"| {label} | {members} | {r['compile_s']:.2f} | {r['step_ms']:.2f} | "
                   f"{r['member_ms']:.3f} | {ratio} |", flush=True)
+
+    print("\nCompile time of jit(sample_batch): data closed over (embedded as constants) vs "
+          "passed as an argument")
+    print("| task | data (MB) | closed over (s) | argument (s) | ratio |")
+    print("|---|---|---|---|---|")
+    for name in dict.fromkeys(name for name, _, _ in variants):
+        task = tasks.get_task(name, data_dir=args.data_dir)
+        mb = sum(x.nbytes for x in jax.tree.leaves(task.data)) / 1e6
+        closed_s, passed_s = bench_constants(task)
+        print(f"| {name} | {mb:.1f} | {closed_s:.2f} | {passed_s:.2f} | "
+              f"{closed_s / passed_s:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
