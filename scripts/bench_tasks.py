@@ -11,6 +11,7 @@ Usage:
   LOPT_DATA_DIR=/work/shared/data nice -n 10 .venv/bin/python scripts/bench_tasks.py \
       --steps 5 --repeats 2 --lax-members 1 16
   .venv/bin/python scripts/bench_tasks.py --tasks mlp_fmnist --members 1 16 --steps 20
+  .venv/bin/python scripts/bench_tasks.py --members 1 --lax-members --train-steps 2000
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import time
 
 import jax
+import optax
 
 import tasks
 
@@ -74,6 +76,32 @@ def bench_constants(task) -> tuple[float, float]:
     return closed_s, time.perf_counter() - start
 
 
+def train_check(task, steps: int, learning_rate: float, max_examples: int) -> dict:
+    """Adam on one run for ``steps`` steps (one jitted scan); test metrics before and after."""
+    opt = optax.adam(learning_rate)
+
+    @jax.jit
+    def train(params, key, data):
+        def body(carry, key):
+            params, state = carry
+            loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(key, data=data))
+            updates, state = opt.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), loss
+
+        (params, _), losses = jax.lax.scan(body, (params, opt.init(params)),
+                                           jax.random.split(key, steps))
+        return params, losses
+
+    params = task.init(jax.random.key(0))
+    before = task.evaluate(params, "test", max_examples=max_examples)
+    start = time.perf_counter()
+    params, losses = jax.block_until_ready(train(params, jax.random.key(1), task.data))
+    seconds = time.perf_counter() - start
+    after = task.evaluate(params, "test", max_examples=max_examples)
+    return {"before": before, "after": after, "seconds": seconds,
+            "train_last": float(losses[-max(1, steps // 10):].mean())}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+",
@@ -83,6 +111,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed calls (the best counts)")
     parser.add_argument("--lax-members", nargs="*", type=int, default=[1],
                         help="population sizes for the CNN with XLA's convolution (slow)")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="also train each task with Adam for this many steps (0: skip)")
+    parser.add_argument("--train-lr", type=float, default=3e-3)
     parser.add_argument("--data-dir", default=None, help="offline data (default $LOPT_DATA_DIR)")
     args = parser.parse_args(argv)
 
@@ -120,6 +151,19 @@ def main(argv=None):
         closed_s, passed_s = bench_constants(task)
         print(f"| {name} | {mb:.1f} | {closed_s:.2f} | {passed_s:.2f} | "
               f"{closed_s / passed_s:.1f} |", flush=True)
+
+    if args.train_steps:
+        print(f"\nAdam({args.train_lr}), {args.train_steps} steps, seed 0; test metrics on the "
+              f"first 2,000 test examples (windows for the language models)")
+        print("| task | data | test loss before | test loss after | test accuracy after "
+              "| train loss (last 10%) | seconds (incl. compile) |")
+        print("|---|---|---|---|---|---|---|")
+        for name in dict.fromkeys(name for name, _, _ in variants):
+            task = tasks.get_task(name, data_dir=args.data_dir)
+            r = train_check(task, args.train_steps, args.train_lr, 2000)
+            print(f"| {name} | {task.config.data_source} | {float(r['before']['loss']):.3f} | "
+                  f"{float(r['after']['loss']):.3f} | {float(r['after']['accuracy']):.3f} | "
+                  f"{r['train_last']:.3f} | {r['seconds']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
