@@ -171,3 +171,20 @@ def test_tfds_online_path_on_mock_data():
     assert cifar["test"]["inputs"].shape == (6, 16, 16, 3)
     assert cifar["test"]["inputs"].dtype == np.uint8
     assert text["train"].dtype == np.uint8 and text["train"].size > 6 and "lm1b" in source
+
+
+def test_language_batches_are_teacher_forced_windows_of_the_corpus():
+    task = get("rnn_lm_tiny")
+    streams, source = datasets.load_text(DATA_DIR)
+    raw = os.path.join(DATA_DIR, "text", "tiny_shakespeare.txt")
+    with open(raw, "rb") as f:
+        corpus = f.read()
+    assert "tiny_shakespeare" in source and "tiny_shakespeare" in task.config.data_source
+    assert bytes(streams["train"]) + bytes(streams["test"]) == corpus
+    assert len(streams["test"]) == len(corpus) - int(len(corpus) * 0.9)
+    batch = task.sample_batch(jax.random.key(0))
+    inputs, labels = np.asarray(batch["inputs"]), np.asarray(batch["labels"])
+    assert inputs.shape == labels.shape == (8, 8)
+    np.testing.assert_array_equal(labels[:, :-1], inputs[:, 1:])
+    for row_in, row_lab in zip(inputs, labels, strict=True):
+        assert bytes(row_in.astype(np.uint8)) + bytes(row_lab[-1:].astype(np.uint8)) in corpus
