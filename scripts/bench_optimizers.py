@@ -9,6 +9,7 @@ Usage:
   LOPT_DATA_DIR=../shared/data python scripts/bench_optimizers.py            # everything
   python scripts/bench_optimizers.py --tasks mlp_fmnist --methods unf        # a subset
   python scripts/bench_optimizers.py --counts-only                           # counts table only
+  python scripts/bench_optimizers.py --profile mlp_fmnist transformer_lm     # where time goes
 """
 
 from __future__ import annotations
@@ -144,6 +145,66 @@ def speed_table(task_names, methods, steps, repeats):
                   f"{r['floats_per_param']:.2f} |", flush=True)
 
 
+def profile_table(name, repeats):
+    """Where the time of one ``unf`` update goes (each part jitted alone, beside Adam)."""
+    import flax.linen as nn
+
+    from learned_opt import features as feats
+    from learned_opt.optimizers import UpdateNetwork
+    from learned_opt.unf import UNFLinear
+
+    task = tasks.get_task(name)
+    params = task.init(jax.random.key(0))
+    lopt = learned_opt.learned_optimizer("unf", params, task.perm_spec)
+    c = lopt.config
+    meta = lopt.init(jax.random.key(1))
+    state = lopt.init_state(meta, params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    fm = feats.update_momenta(state.feature_momenta, grads, c.momentum_decays)
+    x = feats.state_features(params, grads, fm)
+    emb = feats.step_embedding(state.step, c.step_timescales)
+    pointwise = UpdateNetwork(nn.Dense, c.hidden_features, c.num_layers, c.num_layers)
+    v_pw = pointwise.init(jax.random.key(0), x, emb, lopt.net_spec)
+    hidden = jax.tree.map(lambda a: jnp.ones(a.shape[:-1] + (c.hidden_features,)), x)
+    last = UNFLinear(1)
+    v_last = last.init(jax.random.key(0), hidden, lopt.net_spec)
+    adam = optax.adam(1e-3)
+    batch = task.sample_batch(jax.random.key(0))
+    parts = {
+        "task forward+backward": (lambda p, b: jax.grad(task.loss)(p, b), (params, batch)),
+        "optax.adam update": (adam.update, (grads, adam.init(params), params)),
+        "features (momenta, clip, RMS)": (
+            lambda s, g, p: feats.state_features(
+                p, g, feats.update_momenta(s.feature_momenta, g, c.momentum_decays)),
+            (state, grads, params)),
+        f"{c.num_layers} per-parameter layers": (
+            lambda v, x, e: pointwise.apply(v, x, e, lopt.net_spec), (v_pw, x, emb)),
+        "UNFLinear(32 -> 1) alone": (lambda v, h: last.apply(v, h, lopt.net_spec),
+                                     (v_last, hidden)),
+        "whole unf update": (lopt.update, (meta, state, grads, params)),
+    }
+    jitted = {k: (jax.jit(f), a) for k, (f, a) in parts.items()}
+    for f, a in jitted.values():
+        jax.block_until_ready(f(*a))
+    times = {k: [] for k in jitted}
+    for _ in range(repeats):
+        for k, (f, a) in jitted.items():
+            t0 = time.perf_counter()
+            for _ in range(10):
+                out = f(*a)
+            jax.block_until_ready(out)
+            times[k].append((time.perf_counter() - t0) / 10)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    per_param = 2 * ((2 + len(c.momentum_decays)) * c.hidden_features
+                     + (c.num_layers - 2) * c.hidden_features ** 2 + c.hidden_features)
+    print(f"\n## Profile of one unf update on {name} ({n:,} parameters; per-parameter layers: "
+          f"{per_param:,} FLOP per parameter = {per_param * n / 1e6:.1f} MFLOP per step)\n")
+    print("| part | ms (minimum over rounds) |")
+    print("|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {1e3 * min(v):.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), help="task names")
@@ -151,9 +212,15 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="inner steps per timed scan")
     ap.add_argument("--repeats", type=int, default=10, help="timed rounds (minimum reported)")
     ap.add_argument("--counts-only", action="store_true", help="only the count table")
+    ap.add_argument("--profile", nargs="*", default=[], metavar="TASK",
+                    help="only profile the parts of a unf update on these tasks")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
           f"devices {jax.devices()}, numpy {np.__version__}")
+    if args.profile:
+        for name in args.profile:
+            profile_table(name, args.repeats)
+        return
     count_table(args.tasks, args.methods)
     if not args.counts_only:
         speed_table(args.tasks, args.methods, args.steps, args.repeats)
