@@ -32,7 +32,37 @@ def parse_args(argv=None):
     p.add_argument("--horizon", type=int, default=200)
     p.add_argument("--repeats", type=int, default=10, help="timed outer steps per measurement")
     p.add_argument("--no-shard", action="store_true", help="use one device only")
+    p.add_argument("--combinations", action="store_true",
+                   help="instead: build every --tasks x learned optimizer pair and run 3 PES "
+                        "steps (population 4, K=2, T=4); print OK/REJECTED and the time")
     return p.parse_args(argv)
+
+
+def check_combinations(task_names, shard):
+    """Every task x optimizer: valid pairs must meta-train, invalid ones must be rejected."""
+    import jax
+    import numpy as np
+
+    import learned_opt
+    from meta_train import ConfigError, MetaTrainConfig
+    from meta_train import train as mt
+
+    for task_name in task_names:
+        for opt in learned_opt.list_optimizers():
+            t0 = time.perf_counter()
+            cfg = MetaTrainConfig(task=task_name, optimizer=opt, population=4, truncation=2,
+                                  horizon=4, wandb="disabled", shard=shard)
+            try:
+                setup = mt.build(cfg)
+            except ConfigError as e:
+                print(f"{task_name:<20} {opt:<9} REJECTED: {str(e)[:120]}", flush=True)
+                continue
+            state = mt.run_steps(setup, mt.init_state(setup), 0, 3)
+            meta = setup.estimator.mean(state)
+            finite = all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(meta))
+            print(f"{task_name:<20} {opt:<9} {'OK' if finite else 'NON-FINITE'} "
+                  f"meta-params {setup.lopt.num_meta_params():>8} "
+                  f"{time.perf_counter() - t0:6.1f} s (build + compile + 3 steps)", flush=True)
 
 
 def _time(fn):
@@ -109,6 +139,9 @@ def bench_one(task_name, optimizer, population, truncation, horizon, repeats, sh
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.combinations:
+        check_combinations(args.tasks, not args.no_shard)
+        return
     import jax
 
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
