@@ -5,6 +5,7 @@ For the weight spaces of the paper's four tasks and two networks,
 * ``unf4x32``: a 4-layer UNF with 32 hidden channels (19 input channels, 1 output channel),
 * ``f``: the paper's optimizer network: three per-parameter Dense layers 19->32->32->32 (ReLU)
   applied to every parameter, then one UNFLinear to 1 channel,
+* ``layer`` (only with ``--models layer``): one UNFLinear 19 -> 1 channel, the layer alone,
 
 it prints the number of parameters, compile time of forward+backward (jit of value_and_grad of
 the sum of squared outputs), forward+backward time (minimum over repetitions: the machine is
@@ -133,6 +134,8 @@ class OptimizerNet(nn.Module):
 
 
 def make_network(model: str):
+    if model == "layer":
+        return lo.UNFLinear(1)
     return OptimizerNet() if model == "f" else lo.UNF(32, 4, 1)
 
 
@@ -207,6 +210,8 @@ def child(task: str, spec_kind: str, model: str, reps: int):
         dense = [p[f"Dense_{k}"] for k in range(3)]
         widths = [32]
         layer_params = [p["unf"]]
+    elif model == "layer":
+        dense, widths, layer_params = [], [IN_CHANNELS], [p]
     else:
         dense = []
         widths = [IN_CHANNELS] + [32] * 3
