@@ -10,13 +10,11 @@ with ``alpha``, ``beta`` and ``decay`` meta-learned (stored as ``log_alpha``, ``
 whole weight space whose input is :mod:`learned_opt.features` (19 channels per parameter).
 Methods differ only in ``f``:
 
-=========  =========================================================================
-``sgdm``   no network, ``beta`` fixed to 0 (alpha and decay meta-learned)
-``deepset`` 3 per-parameter Dense layers (19->32->32->32, ReLU), then ``DeepSetLinear(1)``
-``unf``     3 per-parameter Dense layers, then ``UNFLinear(1)`` (the paper's UNF optimizer)
-``unf_deep`` 4 ``UNFLinear`` layers (19->32->32->32->1, ReLU)
-``nfn``     3 per-parameter Dense layers, then ``NFNLinear(1)`` (MLP and CNN weight spaces)
-=========  =========================================================================
+* ``sgdm``: no network, ``beta`` fixed to 0 (alpha and decay meta-learned);
+* ``deepset``: 3 per-parameter Dense layers (19->32->32->32, ReLU), then ``DeepSetLinear(1)``;
+* ``unf``: 3 per-parameter Dense layers, then ``UNFLinear(1)`` (the paper's UNF optimizer);
+* ``unf_deep``: 4 ``UNFLinear`` layers (19->32->32->32->1, ReLU);
+* ``nfn``: 3 per-parameter Dense layers, then ``NFNLinear(1)`` (MLP and CNN weight spaces).
 
 The weight space's structure (leaf paths, ranks, spec labels) is fixed when the optimizer is
 built; label sizes are not, so an optimizer built on a 32-unit MLP updates a 128-unit MLP.
