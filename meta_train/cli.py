@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from meta_train.config import ConfigError, MetaTrainConfig
@@ -61,13 +62,34 @@ def make_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
                                 default=None, choices=choices,
                                 help=f"{help_text} (default: {default})")
+    add_data_dir_flag(parser)
     return parser
+
+
+def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir``: the offline data directory (sets ``LOPT_DATA_DIR``; not a config field).
+
+    Where the data come from does not change the run's trajectory (the same files or the same
+    tfds datasets), so it is not saved in ``config.json``; ``task.config.data_source`` says it.
+    """
+    parser.add_argument("--data-dir", dest="data_dir", default=None, metavar="DIR",
+                        help="offline data directory, laid out like ../shared/data "
+                        "(default: $LOPT_DATA_DIR, else tensorflow-datasets)")
+
+
+def apply_data_dir(data_dir: str | None) -> None:
+    """Point every task loader at ``data_dir`` (they read ``LOPT_DATA_DIR``)."""
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise SystemExit(f"--data-dir {data_dir!r}: no such directory")
+        os.environ["LOPT_DATA_DIR"] = os.path.abspath(data_dir)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[MetaTrainConfig, set[str]]:
     """Parse flags into a config; also returns the names of the options given explicitly."""
     parser = make_parser()
     args = vars(parser.parse_args(argv))
+    apply_data_dir(args.pop("data_dir"))
     given = {k: v for k, v in args.items() if v is not None}
     for name in _SINGULAR:
         if name in given:

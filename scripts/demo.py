@@ -21,10 +21,13 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
 
+from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="run directory")
+    add_data_dir_flag(p)
     p.add_argument("--outer-steps", type=int, default=600, help="PES outer steps")
     p.add_argument("--outer-lr", type=float, default=0.003, help="outer Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="meta-training seed")
@@ -36,6 +39,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    apply_data_dir(args.data_dir)
     t_start = time.perf_counter()
     import jax
 

@@ -19,9 +19,12 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
 
+from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
+
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_dir_flag(p)
     p.add_argument("--run", help="meta-training run directory (reads config.json, optimizer/)")
     p.add_argument("--optimizer", help="optimizer checkpoint directory (default RUN/optimizer)")
     p.add_argument("--task", help="task name (default: the run's task)")
@@ -75,6 +78,7 @@ def learned_candidates(args, run_config):
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
+    apply_data_dir(args.data_dir)
     import tasks
     from meta_train.cli import _key_value
     from meta_train.evaluation import EVAL_SEEDS, compare

@@ -229,3 +229,14 @@ def test_bad_flags_fail_at_once(flags, message, tmp_path, capsys):
 def test_population_not_divisible_by_devices_fails():
     with pytest.raises(ConfigError, match=r"divisible by the number of devices"):
         mt.make_mesh(6, devices=[object()] * 4)
+
+
+def test_data_dir_flag_points_the_loaders_at_a_directory(tmp_path, monkeypatch):
+    from meta_train.cli import parse_args
+
+    monkeypatch.setenv("LOPT_DATA_DIR", "/before")  # restored (or removed) after the test
+    config, given = parse_args(["--data-dir", str(tmp_path), "--task", "mlp_fmnist_tiny"])
+    assert os.environ["LOPT_DATA_DIR"] == str(tmp_path.resolve())
+    assert "data_dir" not in given and config.task == "mlp_fmnist_tiny"
+    with pytest.raises(SystemExit, match="no such directory"):
+        parse_args(["--data-dir", str(tmp_path / "missing")])
