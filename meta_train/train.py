@@ -288,10 +288,13 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
     history: list[dict] = []
     bar = None
     if progress:
+        import sys
+
         from tqdm.auto import tqdm
 
+        # Redraw at most once every 0.5 s on a terminal, every 30 s in a log file.
         bar = tqdm(total=config.outer_steps, initial=start, desc="meta-train", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
     def save(step, st):
         checkpoint.save(run_dir, step, st, config.to_json(), config.seed)
