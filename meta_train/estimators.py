@@ -216,7 +216,7 @@ class PES(_Base):
         inner = self.problem.init(meta_params, self.population)
         return EstimatorState(es=es_state, inner=inner)
 
-    def step(self, state: EstimatorState, key: jax.Array, t: jax.Array):
+    def step(self, state: EstimatorState, key: jax.Array, t: jax.Array, data=None):
         k_reset, k_ask, k_tell = jax.random.split(key, 3)
         inner = state.inner
         # Members whose episode ended in the previous step start a new one (all of them at t=0).
@@ -229,7 +229,7 @@ class PES(_Base):
         length = jnp.where(t == 0, self.first_lengths(), self.horizon)
         inner = self.problem.reset(population, inner, done, k_reset, length)
         inner = _constrain(inner, self.member_sharding)
-        inner, out = self.problem.unroll(population, inner, self.truncation)
+        inner, out = self.problem.unroll(population, inner, self.truncation, data)
         finished = inner.step >= inner.length
         if self.objective == "mean":
             fitness = out.losses.mean(axis=1)
@@ -264,7 +264,7 @@ class FullES(_Base):
     def init(self, key: jax.Array, meta_params: PyTree) -> EstimatorState:
         return EstimatorState(es=self.strategy.init(key, meta_params, self.es_params), inner=None)
 
-    def step(self, state: EstimatorState, key: jax.Array, t: jax.Array):
+    def step(self, state: EstimatorState, key: jax.Array, t: jax.Array, data=None):
         del t
         k_reset, k_ask, k_tell = jax.random.split(key, 3)
         population, es_state = self.strategy.ask(k_ask, state.es, self.es_params)
@@ -272,7 +272,7 @@ class FullES(_Base):
         length = jnp.full((self.population,), self.horizon, jnp.int32)
         inner = self.problem.fresh(population, k_reset, length)
         inner = _constrain(inner, self.member_sharding)
-        _, out = self.problem.unroll(population, inner, self.horizon)
+        _, out = self.problem.unroll(population, inner, self.horizon, data)
         finished = jnp.ones(self.population, bool)
         fitness = out.losses.mean(axis=1) if self.objective == "mean" else out.losses[:, -1]
         es_state, grad_norm, skipped = self._tell(k_tell, population, fitness, es_state)

@@ -141,16 +141,23 @@ class InnerProblem:
 
         return jax.tree.map(pick, new, state)
 
-    def step_one(self, meta_params: PyTree, state: InnerState) -> tuple[InnerState, jax.Array]:
-        """One inner training step of a single member (no member axis). Returns the raw loss."""
-        batch = self.task.sample_batch(jax.random.fold_in(state.data_key, state.step), "train")
+    def step_one(
+        self, meta_params: PyTree, state: InnerState, data: PyTree = None
+    ) -> tuple[InnerState, jax.Array]:
+        """One inner training step of a single member (no member axis). Returns the raw loss.
+
+        ``data`` (default ``task.data``): pass the task's arrays as an argument of the enclosing
+        jit so that they are not embedded in the compiled program as constants.
+        """
+        key = jax.random.fold_in(state.data_key, state.step)
+        batch = self.task.sample_batch(key, "train", data=data)
         loss, grads = jax.value_and_grad(self.task.loss)(state.params, batch)
         updates, opt_state = self.lopt.update(meta_params, state.opt_state, grads, state.params)
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), loss
 
     def unroll(
-        self, meta_params: PyTree, state: InnerState, num_steps: int
+        self, meta_params: PyTree, state: InnerState, num_steps: int, data: PyTree = None
     ) -> tuple[InnerState, UnrollOutput]:
         """Advance every member by ``num_steps`` steps with its own meta-parameters.
 
@@ -158,6 +165,7 @@ class InnerProblem:
           meta_params: meta-parameters with a leading member axis N.
           state: the population's inner state.
           num_steps: K (static).
+          data: the task's arrays (default ``task.data``), see :meth:`step_one`.
 
         Returns:
           The new state and the capped per-step losses with the non-finite flags, shape [N, K].
@@ -165,7 +173,7 @@ class InnerProblem:
 
         def member(mp, st):
             def body(s, _):
-                s, loss = self.step_one(mp, s)
+                s, loss = self.step_one(mp, s, data)
                 return s, loss
 
             st, losses = jax.lax.scan(body, st, None, length=num_steps)

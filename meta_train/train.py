@@ -150,7 +150,7 @@ def build(config: MetaTrainConfig) -> Setup:
     )
     template = jax.eval_shape(estimator.init, jax.random.PRNGKey(0), meta0)
     shardings = state_shardings(mesh, template)
-    step_fn = make_step_fn(estimator, lopt, mesh, shardings, config.seed)
+    step_fn = make_step_fn(estimator, lopt, mesh, shardings, config.seed, task.data)
     return Setup(config, task, lopt, estimator, mesh, meta0, shardings, step_fn)
 
 
@@ -169,19 +169,25 @@ def _strong(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.asarray(x).dtype), tree)
 
 
-def make_step_fn(estimator, lopt, mesh: Mesh, shardings: EstimatorState, seed: int):
+def make_step_fn(estimator, lopt, mesh: Mesh, shardings: EstimatorState, seed: int,
+                 data: PyTree = None):
     """The jitted outer step ``(state, t) -> (state, metrics)``, metrics with nominal values.
 
     The step's key, ``step_key(seed, t)``, is derived inside the jit (no host work per step).
+    The task's arrays ``data`` are an argument of the jit, placed on every device once, so the
+    dataset is not embedded in the compiled program as a constant.
     """
 
-    def train_step(state, t):
-        state, metrics = estimator.step(state, step_key(seed, t), t)
+    def train_step(state, t, data):
+        state, metrics = estimator.step(state, step_key(seed, t), t, data)
         metrics = metrics | lopt.nominal(estimator.mean(state))
         return _strong(state), metrics
 
     repl = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(train_step, in_shardings=(shardings, repl), out_shardings=(shardings, repl))
+    data = jax.device_put(data, repl)
+    jitted = jax.jit(train_step, in_shardings=(shardings, repl, repl),
+                     out_shardings=(shardings, repl))
+    return lambda state, t: jitted(state, t, data)
 
 
 def init_state(setup: Setup, meta_params: PyTree | None = None) -> EstimatorState:

@@ -107,18 +107,20 @@ def bench_one(task_name, optimizer, population, truncation, horizon, repeats, sh
     meta = jax.device_put(meta, member)
     inner = state.inner
 
+    data = jax.device_put(setup.task.data, NamedSharding(setup.mesh, PartitionSpec()))
+
     @jax.jit
-    def unroll_only(meta, inner):
-        inner, out = problem.unroll(meta, inner, truncation)
+    def unroll_only(meta, inner, data):
+        inner, out = problem.unroll(meta, inner, truncation, data)
         return inner, out.losses.mean()
 
     t0 = time.perf_counter()
-    jax.block_until_ready(unroll_only(meta, inner))
+    jax.block_until_ready(unroll_only(meta, inner, data))
     compile_unroll = time.perf_counter() - t0
 
     def run_unroll():
         nonlocal inner
-        inner, loss = unroll_only(meta, inner)
+        inner, loss = unroll_only(meta, inner, data)
         return loss
 
     # Alternate the two measurements so that a change of machine load hits both alike.

@@ -69,8 +69,10 @@ class Task:
         raise NotImplementedError
 
     def dummy_inputs(self) -> jax.Array:
-        batch = self.sample_batch(jax.random.key(0))
-        return batch["inputs"][:1]
+        # Shapes only: reading self.data here would embed the dataset as a constant in any
+        # jitted function that initialises the task (e.g. a meta-training reset).
+        inputs = jax.eval_shape(self.sample_batch, jax.random.key(0))["inputs"]
+        return jnp.zeros((1, *inputs.shape[1:]), inputs.dtype)
 
     def init(self, key: jax.Array) -> dict:
         """Fresh parameters: the content of the Flax "params" collection, a plain dict."""
