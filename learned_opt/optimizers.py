@@ -75,6 +75,8 @@ _METHODS: dict[str, tuple[int, Callable | None]] = {
 }
 
 FIXED_AXES_MODES = ("relax", "channels")
+# How the network term is scaled before it joins the nominal momentum (see the config).
+NETWORK_SCALES = ("none", "momentum_rms")
 
 
 def list_optimizers() -> list[str]:
@@ -104,6 +106,13 @@ class LearnedOptimizerConfig:
         positions as extra channels (exact, but the count grows with e.g. 64 pixels or a 256
         vocabulary). ``nfn`` always uses the spec as given: its NP layer handles input and
         output neurons itself.
+      network_scale: ``"none"`` (paper): the update is ``alpha * (m + beta * f)``; f sees
+        RMS-normalised inputs, so its size is the same whether the gradients are large or
+        vanishing, and a rule meta-trained on short runs keeps taking full-size steps long
+        after the loss has converged. ``"momentum_rms"``: ``alpha * (m + beta * rms(m) * f)``
+        with ``rms(m)`` the root mean square of the nominal momentum over each tensor, so the
+        network term shrinks with the gradients exactly like the nominal term and its size
+        relative to it is ``beta * |f|``.
     """
 
     hidden_features: int = 32
@@ -116,6 +125,7 @@ class LearnedOptimizerConfig:
     momentum_form: str = "sum"
     clip_features: bool = True
     fixed_axes: str = "relax"
+    network_scale: str = "none"
 
     def __post_init__(self):
         # Lists (e.g. from JSON) become tuples so that the config stays hashable.
@@ -139,6 +149,9 @@ class LearnedOptimizerConfig:
         if self.fixed_axes not in FIXED_AXES_MODES:
             raise ValueError(
                 f"fixed_axes must be one of {FIXED_AXES_MODES}, got {self.fixed_axes!r}")
+        if self.network_scale not in NETWORK_SCALES:
+            raise ValueError(
+                f"network_scale must be one of {NETWORK_SCALES}, got {self.network_scale!r}")
 
     @property
     def num_features(self) -> int:
@@ -374,7 +387,10 @@ class LearnedOptimizer:
             x = feats.state_features(params, grads, fm, c.clip_features)
             emb = feats.step_embedding(state.step, c.step_timescales)
             f = self.network.apply({"params": meta_params["net"]}, x, emb, self.net_spec)
-            direction = jax.tree.map(lambda m, f: m + nom["beta"] * f[..., 0], m, f)
+            f = jax.tree.map(lambda f: f[..., 0], f)
+            if c.network_scale == "momentum_rms":
+                f = jax.tree.map(lambda f, m: f * jnp.sqrt(jnp.mean(jnp.square(m))), f, m)
+            direction = jax.tree.map(lambda m, f: m + nom["beta"] * f, m, f)
         updates = jax.tree.map(lambda d, p: (-nom["alpha"] * d).astype(jnp.result_type(p)),
                                direction, params)
         return updates, LearnedOptimizerState(step=state.step + 1, momentum=m,

@@ -40,6 +40,8 @@ class MetaTrainConfig:
     population: int = _field(16, "number of perturbed inner runs (even: antithetic pairs)")
     truncation: int = _field(20, "K: inner steps per outer step (pes)")
     horizon: int = _field(200, "T: inner steps of an episode (a multiple of K for pes)")
+    min_horizon: int = _field(0, "pes: draw each episode's length log-uniformly in [min_horizon, "
+                              "horizon] (rounded to a multiple of K); 0: every episode T long")
     outer_steps: int = _field(1000, "number of outer (meta-parameter) updates")
     outer_lr: float = _field(3e-3, "learning rate of the outer Adam")
     clip: float = _field(1.0, "global-norm clipping of the ES gradient before Adam")
@@ -58,6 +60,10 @@ class MetaTrainConfig:
     wandb_project: str = _field("learned-opt", "wandb project name")
 
     def __post_init__(self):
+        # Tuples become lists, as after a round trip through config.json, so that a resumed
+        # run compares equal to the stored one.
+        for name in ("task_args", "optimizer_args"):
+            object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name))))
         for name in ("population", "truncation", "horizon", "outer_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -70,6 +76,12 @@ class MetaTrainConfig:
         if self.estimator == "pes" and self.horizon % self.truncation:
             raise ConfigError(
                 f"horizon ({self.horizon}) must be a multiple of truncation ({self.truncation})"
+            )
+        if self.min_horizon and (self.estimator != "pes" or not (
+                self.truncation <= self.min_horizon <= self.horizon)):
+            raise ConfigError(
+                f"min_horizon ({self.min_horizon}) needs estimator 'pes' and must lie in "
+                f"[truncation ({self.truncation}), horizon ({self.horizon})]; 0 disables it"
             )
         if self.objective not in ("mean", "final"):
             raise ConfigError(f"objective must be 'mean' or 'final', got {self.objective!r}")
@@ -96,8 +108,8 @@ class MetaTrainConfig:
     # Fields that define the trajectory: a resumed run must keep them.
     RUN_FIELDS = (
         "task", "task_args", "optimizer", "optimizer_args", "estimator", "population",
-        "truncation", "horizon", "outer_lr", "clip", "std", "objective", "fitness_shaping",
-        "loss_cap", "seed",
+        "truncation", "horizon", "min_horizon", "outer_lr", "clip", "std", "objective",
+        "fitness_shaping", "loss_cap", "seed",
     )
 
     def to_json(self) -> str:

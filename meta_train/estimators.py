@@ -10,7 +10,8 @@ comes from ``key``, which the trainer derives from ``(seed, t)``.
   truncation counter; we bypass it (its ``T`` is set to "never") and reset members ourselves,
   per antithetic pair, so that the pairs' horizons are staggered: pair ``p`` of ``P`` starts with
   an episode shortened by ``floor(p * T / P)`` rounded down to a multiple of K. At a reset the
-  member's accumulated perturbation is zeroed and it gets a fresh task initialisation.
+  member's accumulated perturbation is zeroed and it gets a fresh task initialisation. With
+  ``min_horizon`` set, every episode's length is drawn log-uniformly in ``[min_horizon, T]``.
 * ``es``: antithetic OpenAI-ES (evosax ``Open_ES``) over full unrolls of T steps from fresh
   initialisations at every outer step (unbiased, but T/K times more inner steps per update).
 
@@ -25,6 +26,7 @@ is kept) and counted in ``update_skipped``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -36,7 +38,7 @@ from evosax.core.fitness_shaping import (
     identity_fitness_shaping_fn,
 )
 
-from meta_train.inner import InnerProblem, InnerState
+from meta_train.inner import InnerProblem, InnerState, pair_keys
 
 PyTree = Any
 
@@ -109,6 +111,7 @@ class _Base:
         optimizer: optax.GradientTransformation | None = None,
         objective: str = "mean",
         fitness_shaping: str = "raw",
+        min_horizon: int = 0,
         member_sharding=None,
     ):
         if population < 2 or population % 2:
@@ -123,6 +126,9 @@ class _Base:
             )
         if not std > 0:
             raise ValueError(f"std must be positive, got {std}")
+        if min_horizon and not truncation <= min_horizon <= horizon:
+            raise ValueError(f"min_horizon must be 0 or in [truncation ({truncation}), horizon "
+                             f"({horizon})], got {min_horizon}")
         self.problem = problem
         self.population = population
         self.truncation = truncation
@@ -130,6 +136,7 @@ class _Base:
         self.std = std
         self.objective = objective
         self.fitness_shaping = fitness_shaping
+        self.min_horizon = min_horizon
         self.member_sharding = member_sharding
         self.strategy = self._build(
             meta_template, optimizer or outer_optimizer(3e-3), FITNESS_SHAPING[fitness_shaping]
@@ -204,12 +211,35 @@ class PES(_Base):
     def inner_steps_per_outer_step(self) -> int:
         return self.population * self.truncation
 
-    def first_lengths(self) -> jax.Array:
-        """Horizon of each member's first episode: staggered per antithetic pair."""
+    def sample_lengths(self, key: jax.Array) -> jax.Array:
+        """Horizon of each member's next episode (the same for both members of a pair).
+
+        ``horizon`` when ``min_horizon`` is 0; otherwise drawn log-uniformly in
+        ``[min_horizon, horizon]`` and rounded to a multiple of K (as Celo does), so that the
+        rule cannot tie its behaviour to one episode length.
+        """
+        if not self.min_horizon:
+            return jnp.full((self.population,), self.horizon, jnp.int32)
+        u = jax.vmap(jax.random.uniform)(pair_keys(key, self.population))
+        lo, hi = math.log(self.min_horizon), math.log(self.horizon)
+        length = jnp.exp(lo + u * (hi - lo))
+        k = self.truncation
+        length = jnp.round(length / k) * k
+        return jnp.clip(length, k * math.ceil(self.min_horizon / k), self.horizon).astype(
+            jnp.int32)
+
+    def first_lengths(self, key: jax.Array | None = None) -> jax.Array:
+        """Horizon of each member's first episode: staggered per antithetic pair.
+
+        Pair ``p`` of ``P`` starts with an episode shortened by ``floor(p * L / P)`` (rounded
+        down to a multiple of K), ``L`` its drawn length (``sample_lengths``).
+        """
+        full = (jnp.full((self.population,), self.horizon, jnp.int32) if key is None
+                else self.sample_lengths(key))
         half = self.population // 2
         pair = jnp.arange(self.population) % half
-        offset = (pair * self.horizon // half) // self.truncation * self.truncation
-        return (self.horizon - offset).astype(jnp.int32)
+        offset = (pair * full // half) // self.truncation * self.truncation
+        return (full - offset).astype(jnp.int32)
 
     def init(self, key: jax.Array, meta_params: PyTree) -> EstimatorState:
         es_state = self.strategy.init(key, meta_params, self.es_params)
@@ -226,7 +256,9 @@ class PES(_Base):
         )
         population, es_state = self.strategy.ask(k_ask, es_state, self.es_params)
         population = _constrain(population, self.member_sharding)
-        length = jnp.where(t == 0, self.first_lengths(), self.horizon)
+        # fold_in rather than a fourth split: runs with fixed horizons keep their trajectory.
+        k_length = jax.random.fold_in(k_reset, 1)
+        length = jnp.where(t == 0, self.first_lengths(k_length), self.sample_lengths(k_length))
         inner = self.problem.reset(population, inner, done, k_reset, length)
         inner = _constrain(inner, self.member_sharding)
         inner, out = self.problem.unroll(population, inner, self.truncation, data)

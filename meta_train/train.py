@@ -146,6 +146,7 @@ def build(config: MetaTrainConfig) -> Setup:
         optimizer=outer_optimizer(config.outer_lr, config.clip),
         objective=config.objective,
         fitness_shaping=config.fitness_shaping,
+        min_horizon=config.min_horizon,
         member_sharding=member_sharding,
     )
     template = jax.eval_shape(estimator.init, jax.random.PRNGKey(0), meta0)

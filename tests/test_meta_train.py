@@ -240,3 +240,72 @@ def test_data_dir_flag_points_the_loaders_at_a_directory(tmp_path, monkeypatch):
     assert "data_dir" not in given and config.task == "mlp_fmnist_tiny"
     with pytest.raises(SystemExit, match="no such directory"):
         parse_args(["--data-dir", str(tmp_path / "missing")])
+
+
+# ---------------------------------------------------------------- episode lengths
+
+
+def test_episode_lengths_are_log_uniform_multiples_of_k_shared_by_pairs():
+    config = MetaTrainConfig(**(TINY | dict(population=8, horizon=400, truncation=5)),
+                             min_horizon=10)
+    est = mt.build(config).estimator
+    lengths = np.concatenate([np.asarray(est.sample_lengths(jax.random.PRNGKey(i)))
+                              for i in range(200)]).reshape(200, 8)
+    np.testing.assert_array_equal(lengths[:, :4], lengths[:, 4:])  # antithetic pairs agree
+    assert lengths.min() >= 10 and lengths.max() <= 400 and np.all(lengths % 5 == 0)
+    # Log-uniform: half the mass below the geometric mean (uniform would put 14% there).
+    below = np.mean(lengths[:, :4] < np.sqrt(10 * 400))
+    assert 0.4 < below < 0.6, below
+    first = np.asarray(est.first_lengths(jax.random.PRNGKey(0)))
+    assert np.all(first <= np.asarray(est.sample_lengths(jax.random.PRNGKey(0))))
+    assert np.all(first >= 5) and np.all(first % 5 == 0)
+    # Fixed horizons stay the default.
+    fixed = mt.build(MetaTrainConfig(**TINY)).estimator.sample_lengths(jax.random.PRNGKey(0))
+    assert set(np.asarray(fixed).tolist()) == {TINY["horizon"]}
+
+
+def test_sampled_episodes_reset_with_new_lengths():
+    setup = mt.build(MetaTrainConfig(**(TINY | dict(horizon=60)), min_horizon=10))
+    state, seen = mt.init_state(setup), set()
+    for t in range(40):
+        state, _ = setup.step_fn(state, np.int32(t))
+        seen |= set(jax.device_get(state.inner.length).tolist())
+    assert len(seen) >= 4 and min(seen) >= 10 and max(seen) <= 60, seen
+
+
+@pytest.mark.parametrize("changes", [dict(min_horizon=3), dict(min_horizon=25),
+                                     dict(min_horizon=10, estimator="es")])
+def test_bad_min_horizon_is_refused(changes):
+    with pytest.raises(ConfigError, match="min_horizon"):
+        MetaTrainConfig(**(TINY | changes))
+
+
+# ---------------------------------------------------------------- experiment 1 pipeline
+
+
+def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
+    from meta_train import experiment
+
+    protocol = experiment.PROTOCOLS["mlp_fmnist"]._replace(
+        task="mlp_fmnist_tiny", horizon=20, min_horizon=10, truncation=5, population=4,
+        eval_seeds=2, outer_lr=0.05)
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    for method in ("sgdm", "unf"):
+        experiment.run_method(protocol, method, 6, out, runs, log=lambda s: None)
+    rows = experiment.evaluate_task(protocol, ("sgdm", "unf"), out, log=lambda s: None)
+    task_dir = out / "mlp_fmnist_tiny"
+    assert (task_dir / "curves.png").stat().st_size > 1000
+    summary = json.loads((task_dir / "unf" / "summary.json").read_text())
+    assert set(summary["eval"]) == {"T=20", "T=100"}
+    assert summary["outer_steps"] == 6 and summary["member_steps"] == 6 * 4 * 5
+    lopt = learned_opt.load_optax(task_dir / "unf" / "optimizer")
+    assert lopt is not None
+    assert {(r["method"], r["horizon"]) for r in rows} >= {("unf", 20), ("unf", 100),
+                                                           ("adam (tuned)", 100)}
+    # A rerun reuses everything; a larger budget continues the same run.
+    logs = []
+    experiment.run_method(protocol, "unf", 6, out, runs, log=logs.append)
+    assert "done" in logs[-1]
+    experiment.run_method(protocol, "unf", 8, out, runs, log=logs.append)
+    assert "resuming from 6" in logs[-1]
+    assert len(read_metrics(runs / "mlp_fmnist_tiny" / "unf")) == 8

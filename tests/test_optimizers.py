@@ -103,8 +103,10 @@ def assert_trees_close(a, b, **kw):
 
 # ---------------------------------------------------------------- equivariance
 
-EQUIVARIANCE_CASES = [(m, s) for m in ("unf", "unf_deep", "deepset", "nfn") for s in SPACES
-                      if not (m == "nfn" and s in ("rnn", "transformer"))]
+EQUIVARIANCE_CASES = [(m, s, "none") for m in ("unf", "unf_deep", "deepset", "nfn")
+                      for s in SPACES if not (m == "nfn" and s in ("rnn", "transformer"))]
+# The scaled network term (a per-tensor statistic: invariant) keeps the rule equivariant.
+EQUIVARIANCE_CASES += [("unf", "mlp", "momentum_rms"), ("deepset", "rnn", "momentum_rms")]
 
 
 def numpy_permutations(seed, sizes):
@@ -113,12 +115,13 @@ def numpy_permutations(seed, sizes):
     return {lab: jnp.asarray(rng.permutation(n)) for lab, n in sorted(sizes.items(), key=repr)}
 
 
-@pytest.mark.parametrize("method,space", EQUIVARIANCE_CASES)
-def test_update_is_equivariant(method, space):
+@pytest.mark.parametrize("method,space,network_scale", EQUIVARIANCE_CASES)
+def test_update_is_equivariant(method, space, network_scale):
     shapes, spec = SPACES[space]()
     params = random_tree(1, shapes, 0.5)
     # unf_deep: 4 UNF layers on the MLP; 2 elsewhere (the same layers stacked, compiles faster).
     config = {"num_layers": 2} if method == "unf_deep" and space != "mlp" else {}
+    config["network_scale"] = network_scale
     lopt = learned_opt.learned_optimizer(method, params, spec, **config)
     meta = lopt.init(jax.random.key(2))
     meta["beta"] = jnp.float32(1.0)  # make the network term as large as the momentum term
@@ -397,3 +400,43 @@ def test_hand_designed_baselines():
     assert_trees_close(u, jax.tree.map(lambda g: -0.1 * g, grads), rtol=1e-6)
     with pytest.raises(ValueError, match="unknown baseline"):
         hand_designed.get("lion", 0.1)
+
+
+# ---------------------------------------------------------------- network-term scaling
+
+
+def test_momentum_rms_network_term_shrinks_with_the_gradients():
+    # With network_scale="momentum_rms" the whole update is proportional to the gradients' scale
+    # (the features are scale-free, the nominal and network terms both carry rms(m)); with the
+    # paper's rule the network term keeps its size when the gradients vanish.
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes, 0.5)
+    # Inside [-1, 1], so clipping does not act; 10x smaller keeps every channel well above the
+    # normaliser's epsilon (the 0.9999 momentum is 1e-4 g after one step).
+    grads = jax.tree.map(lambda g: jnp.clip(g, -0.9, 0.9), random_tree(1, shapes, 0.3))
+    small = jax.tree.map(lambda g: 0.1 * g, grads)
+    ratios, u_none = {}, None
+    for scale in ("none", "momentum_rms"):
+        lopt = learned_opt.learned_optimizer("unf", params, spec, network_scale=scale)
+        meta = lopt.init(jax.random.key(2))
+        meta["beta"] = jnp.float32(1.0)
+        update = jax.jit(lopt.update)
+        state = lopt.init_state(meta, params)
+        u_big, _ = update(meta, state, grads, params)
+        u_small, _ = update(meta, state, small, params)
+        ratios[scale] = [float(jnp.linalg.norm(a) / jnp.linalg.norm(b))
+                         for a, b in zip(jax.tree.leaves(u_small), jax.tree.leaves(u_big),
+                                         strict=True)]
+        if scale == "momentum_rms":
+            # Against the brute-force formula: alpha * (m + beta * rms(m) * f), f from "none".
+            alpha = float(lopt.nominal(meta)["alpha"])
+            for u_s, u_n, g in zip(jax.tree.leaves(u_big), jax.tree.leaves(u_none),
+                                   jax.tree.leaves(grads), strict=True):
+                f = -np.asarray(u_n) / alpha - np.asarray(g)
+                rms = np.sqrt(np.mean(np.square(np.asarray(g))))
+                np.testing.assert_allclose(-np.asarray(u_s) / alpha, np.asarray(g) + rms * f,
+                                           rtol=1e-4, atol=1e-7)
+        u_none = u_big
+    np.testing.assert_allclose(ratios["momentum_rms"], 0.1, rtol=0.02)
+    assert min(ratios["none"]) > 0.15  # the paper's network term shrinks far less
+
