@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# One CPU device: on 2 cores the MLP task's PES step ran 6.5 outer steps/s on one device and 4.8
+# sharded over two (mlp_fmnist, K=50, population 16).
 demo: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) scripts/demo.py
+	$(PY) scripts/demo.py
 
 test: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest tests

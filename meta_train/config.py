@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 
@@ -100,10 +101,13 @@ class MetaTrainConfig:
             raise ConfigError(
                 f"wandb must be 'online', 'offline' or 'disabled', got {self.wandb!r}"
             )
-        if not self.std > 0 or not self.outer_lr > 0 or not self.clip > 0:
-            raise ConfigError("std, outer_lr and clip must be positive")
-        if self.loss_cap < 0:
-            raise ConfigError(f"loss_cap must be >= 0 (0: automatic), got {self.loss_cap}")
+        for name in ("std", "outer_lr", "clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):  # NaN fails both tests
+                raise ConfigError(f"{name} must be a finite positive number, got {value}")
+        if not (math.isfinite(self.loss_cap) and self.loss_cap >= 0):
+            raise ConfigError(
+                f"loss_cap must be a finite number >= 0 (0: automatic), got {self.loss_cap}")
 
     # Fields that define the trajectory: a resumed run must keep them.
     RUN_FIELDS = (

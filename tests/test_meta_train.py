@@ -214,6 +214,10 @@ def test_cli_writes_run_dir_metrics_checkpoint_and_optimizer(tmp_path):
     (["--task", "rnn_lm_tiny", "--optimizer", "nfn"], "cannot be used with task 'rnn_lm_tiny'"),
     (["--population", "7"], "population must be even"),
     (["--horizon", "30", "--truncation", "20"], "multiple of truncation"),
+    (["--std", "inf"], "std must be a finite positive number"),
+    (["--loss-cap", "nan"], "loss_cap must be a finite number"),
+    (["--outer-lr", "-1"], "outer_lr must be a finite positive number"),
+    (["--min-horizon", "5000"], "min_horizon"),
 ])
 def test_bad_flags_fail_at_once(flags, message, tmp_path, capsys):
     argv = flags + ["--out", str(tmp_path / "r"), "--wandb", "disabled"]
