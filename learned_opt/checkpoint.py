@@ -188,11 +188,14 @@ def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, dict[str, Any]]:
     return lopt, meta
 
 
-def load_optax(path: str | os.PathLike) -> optax.GradientTransformationExtraArgs:
+def load_optax(path: str | os.PathLike, num_steps: int | None = None
+               ) -> optax.GradientTransformationExtraArgs:
     """The checkpoint at ``path`` as an optax optimizer (its ``update`` needs ``params``).
 
     The optimizer accepts parameters with the checkpoint's structure at other label sizes and
-    raises ``PermSpecError`` naming the first mismatching leaf otherwise.
+    raises ``PermSpecError`` naming the first mismatching leaf otherwise. ``num_steps`` (the
+    run's total number of steps) is required by optimizers meta-trained with training progress
+    (``progress_centres``) and ignored by the others.
     """
     lopt, meta = load(path)
-    return lopt.as_optax(meta)
+    return lopt.as_optax(meta, num_steps=num_steps)

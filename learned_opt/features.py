@@ -9,6 +9,8 @@ For every parameter tensor the update network sees ``leaf_shape + (19,)`` channe
   invariant under any permutation of their axes: the features stay equivariant.
 * 11 step channels: ``tanh(t / s - 1)`` for timescales s = 1, 3, 10, ..., 100000 (public code;
   the paper says "sinusoidal"), the same value for every parameter.
+* optionally, training-progress channels (VeLO): ``tanh(10 (p - c))`` of the fraction
+  ``p = t / num_steps`` of the run done, for centres c, when the user gives ``num_steps``.
 
 Example:
   >>> import jax.numpy as jnp
@@ -27,12 +29,14 @@ PyTree = object
 
 MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 STEP_TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
+# VeLO's fractional embedding (learned_optimization, hyper_v2 ``_fractional_tanh_embed``).
+PROGRESS_CENTRES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
 _EPS = 1e-12  # keeps the normaliser finite for all-zero channels (e.g. zero biases at init)
 
 
-def num_features(num_decays: int, num_timescales: int) -> int:
-    """Input channels: weight, gradient, one per momentum, one per timescale."""
-    return 2 + num_decays + num_timescales
+def num_features(num_decays: int, num_timescales: int, num_progress: int = 0) -> int:
+    """Input channels: weight, gradient, one per momentum, timescale and progress centre."""
+    return 2 + num_decays + num_timescales + num_progress
 
 
 def init_momenta(params: PyTree, num_decays: int) -> PyTree:
@@ -55,6 +59,22 @@ def step_embedding(step: jax.Array, timescales: Sequence[float]) -> jax.Array:
     """``tanh(step / s - 1)`` for each timescale s: shape ``(len(timescales),)``."""
     s = jnp.asarray(timescales, jnp.float32)
     return jnp.tanh(jnp.asarray(step, jnp.float32) / s - 1.0)
+
+
+def progress_embedding(step: jax.Array, num_steps: jax.Array,
+                       centres: Sequence[float]) -> jax.Array:
+    """``tanh(10 (p - c))`` for each centre c, ``p = step / num_steps`` clipped to [0, 1].
+
+    Clipping keeps a run that continues past ``num_steps`` on the embedding of its last step,
+    a value seen in meta-training. Shape ``(len(centres),)``.
+
+    Example:
+      >>> progress_embedding(jnp.int32(50), jnp.int32(100), (0.5,)).tolist()
+      [0.0]
+    """
+    p = jnp.asarray(step, jnp.float32) / jnp.maximum(jnp.asarray(num_steps, jnp.float32), 1.0)
+    c = jnp.asarray(centres, jnp.float32)
+    return jnp.tanh(10.0 * (jnp.clip(p, 0.0, 1.0) - c))
 
 
 def _normalise(x: jax.Array, clip: bool) -> jax.Array:

@@ -113,6 +113,14 @@ class LearnedOptimizerConfig:
         with ``rms(m)`` the root mean square of the nominal momentum over each tensor, so the
         network term shrinks with the gradients exactly like the nominal term and its size
         relative to it is ``beta * |f|``.
+      progress_centres: training-progress input (VeLO), off when empty. With centres c the
+        optimizer needs the run's total number of steps (``as_optax(meta, num_steps=N)``) and
+        uses ``e = tanh(10 (t / N - c))`` twice: as extra input channels of f, and as a learned
+        schedule of the whole update, ``alpha_t = alpha * exp(progress_gain . e)``
+        (``progress_gain`` starts at 0, so the initial rule is unchanged). Meta-trained on
+        episodes of several lengths, the rule can then decay its steps in relative time, which
+        carries over to runs longer than any it was trained on.
+        ``features.PROGRESS_CENTRES`` are VeLO's.
     """
 
     hidden_features: int = 32
@@ -126,11 +134,14 @@ class LearnedOptimizerConfig:
     clip_features: bool = True
     fixed_axes: str = "relax"
     network_scale: str = "none"
+    progress_centres: tuple[float, ...] = ()
 
     def __post_init__(self):
         # Lists (e.g. from JSON) become tuples so that the config stays hashable.
         object.__setattr__(self, "momentum_decays", tuple(float(d) for d in self.momentum_decays))
         object.__setattr__(self, "step_timescales", tuple(float(s) for s in self.step_timescales))
+        object.__setattr__(self, "progress_centres",
+                           tuple(float(c) for c in self.progress_centres))
         if self.hidden_features < 1:
             raise ValueError(f"hidden_features must be >= 1, got {self.hidden_features}")
         if self.num_layers < 1:
@@ -149,13 +160,16 @@ class LearnedOptimizerConfig:
         if self.fixed_axes not in FIXED_AXES_MODES:
             raise ValueError(
                 f"fixed_axes must be one of {FIXED_AXES_MODES}, got {self.fixed_axes!r}")
+        if not all(math.isfinite(c) for c in self.progress_centres):
+            raise ValueError(f"progress_centres must be finite, got {self.progress_centres}")
         if self.network_scale not in NETWORK_SCALES:
             raise ValueError(
                 f"network_scale must be one of {NETWORK_SCALES}, got {self.network_scale!r}")
 
     @property
     def num_features(self) -> int:
-        return feats.num_features(len(self.momentum_decays), len(self.step_timescales))
+        return feats.num_features(len(self.momentum_decays), len(self.step_timescales),
+                                  len(self.progress_centres))
 
 
 class LearnedOptimizerState(NamedTuple):
@@ -323,8 +337,9 @@ class LearnedOptimizer:
     def init(self, key: jax.Array) -> dict[str, Any]:
         """Initial meta-parameters: a plain dict of float32 arrays.
 
-        Keys: ``log_alpha``, ``logit_decay`` and, for methods with a network, ``beta`` (linear,
-        so ``beta = 0`` switches the network term off) and ``net`` (the network's parameters).
+        Keys: ``log_alpha``, ``logit_decay``; for methods with a network, ``beta`` (linear,
+        so ``beta = 0`` switches the network term off) and ``net`` (the network's parameters);
+        with ``progress_centres``, ``progress_gain`` (zeros: no schedule at first).
         """
         c = self.config
         meta = {
@@ -334,6 +349,8 @@ class LearnedOptimizer:
         if self.network is not None:
             meta["beta"] = jnp.asarray(c.init_beta, jnp.float32)
             meta["net"] = self._init_network(key)
+        if c.progress_centres:
+            meta["progress_gain"] = jnp.zeros((len(c.progress_centres),), jnp.float32)
         return meta
 
     @functools.cached_property
@@ -345,7 +362,7 @@ class LearnedOptimizer:
                 jax.tree.structure(self.net_spec, is_leaf=is_spec_leaf),
                 [jnp.zeros(shape + (2 + len(c.momentum_decays),), jnp.float32)
                  for _, shape, _ in self.signature])
-            emb = jnp.zeros((len(c.step_timescales),), jnp.float32)
+            emb = jnp.zeros((len(c.step_timescales) + len(c.progress_centres),), jnp.float32)
             return self.network.init(key, x, emb, self.net_spec)["params"]
 
         return jax.jit(init_network)
@@ -370,35 +387,60 @@ class LearnedOptimizer:
                                      feature_momenta=fm)
 
     def update(self, meta_params: dict[str, Any], state: LearnedOptimizerState, grads: PyTree,
-               params: PyTree) -> tuple[PyTree, LearnedOptimizerState]:
-        """One inner step: returns ``(updates, new_state)``; new params = params + updates."""
+               params: PyTree, num_steps: jax.Array | int | None = None
+               ) -> tuple[PyTree, LearnedOptimizerState]:
+        """One inner step: returns ``(updates, new_state)``; new params = params + updates.
+
+        ``num_steps``: the run's total number of steps; required with ``progress_centres``
+        (ignored otherwise).
+        """
         self.check_params(params)
+        self._check_num_steps(num_steps)
         if jax.tree.structure(grads) != jax.tree.structure(params):
             raise PermSpecError("grads and params have different tree structures")
         c = self.config
         nom = self.nominal(meta_params)
-        decay = nom["decay"]
+        alpha, decay = nom["alpha"], nom["decay"]
         scale = 1.0 if c.momentum_form == "sum" else 1.0 - decay
         m = jax.tree.map(lambda m, g: decay * m + scale * g.astype(jnp.float32),
                          state.momentum, grads)
         direction, fm = m, ()
+        if c.progress_centres:
+            progress = feats.progress_embedding(state.step, num_steps, c.progress_centres)
+            alpha = alpha * jnp.exp(jnp.dot(meta_params["progress_gain"], progress))
         if self.network is not None:
             fm = feats.update_momenta(state.feature_momenta, grads, c.momentum_decays)
             x = feats.state_features(params, grads, fm, c.clip_features)
             emb = feats.step_embedding(state.step, c.step_timescales)
+            if c.progress_centres:
+                emb = jnp.concatenate([emb, progress])
             f = self.network.apply({"params": meta_params["net"]}, x, emb, self.net_spec)
             f = jax.tree.map(lambda f: f[..., 0], f)
             if c.network_scale == "momentum_rms":
                 f = jax.tree.map(lambda f, m: f * jnp.sqrt(jnp.mean(jnp.square(m))), f, m)
             direction = jax.tree.map(lambda m, f: m + nom["beta"] * f, m, f)
-        updates = jax.tree.map(lambda d, p: (-nom["alpha"] * d).astype(jnp.result_type(p)),
+        updates = jax.tree.map(lambda d, p: (-alpha * d).astype(jnp.result_type(p)),
                                direction, params)
         return updates, LearnedOptimizerState(step=state.step + 1, momentum=m,
                                               feature_momenta=fm)
 
+    def _check_num_steps(self, num_steps) -> None:
+        if self.config.progress_centres and num_steps is None:
+            raise ValueError(
+                f"learned optimizer {self.name!r} uses training progress (progress_centres="
+                f"{self.config.progress_centres}): give the run's total number of steps, e.g. "
+                "as_optax(meta, num_steps=10_000) or load_optax(path, num_steps=10_000)")
+        if isinstance(num_steps, int | float) and not num_steps >= 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+
     # ------------------------------------------------------------------ optax
-    def as_optax(self, meta_params: dict[str, Any]) -> optax.GradientTransformationExtraArgs:
+    def as_optax(self, meta_params: dict[str, Any], num_steps: int | None = None
+                 ) -> optax.GradientTransformationExtraArgs:
         """An optax optimizer with these meta-parameters; its ``update`` needs ``params``.
+
+        ``num_steps``: the total number of steps of the run, required by optimizers with
+        ``progress_centres`` (they schedule their steps over it; steps past it reuse the last
+        step's schedule); ignored by the others.
 
         Example::
 
@@ -406,6 +448,7 @@ class LearnedOptimizer:
             opt_state = tx.init(params)
             updates, opt_state = tx.update(grads, opt_state, params)
         """
+        self._check_num_steps(num_steps)
 
         def init_fn(params):
             return self.init_state(meta_params, params)
@@ -416,7 +459,7 @@ class LearnedOptimizer:
                 raise ValueError(
                     f"learned optimizer {self.name!r} needs the current parameters: call "
                     "tx.update(grads, opt_state, params)")
-            return self.update(meta_params, state, updates, params)
+            return self.update(meta_params, state, updates, params, num_steps)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -9,7 +9,7 @@ Layout under ``out`` (default ``results/experiment1``)::
 
     <task>/<method>/optimizer/      learned_opt.load_optax checkpoint
     <task>/<method>/summary.json    budget, meta-training facts, evaluation at T and 5T
-    <task>/<method>/metrics.jsonl   the meta-training log (one row per outer step)
+    <task>/<method>/metrics.jsonl.gz  the meta-training log (one row per outer step, gzipped)
     <task>/baselines.json           tuned baselines per horizon (learning-rate grid scores too)
     <task>/curves.json              mean and standard error curves of every optimizer
     <task>/curves.png               those curves, one panel per horizon
@@ -29,6 +29,7 @@ Example (seconds; the tiny task)::
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import math
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from learned_opt.features import PROGRESS_CENTRES
 
 PAPER_OUTER_STEPS = 50_000
 # Reported field -> the ``evaluation.Runs`` field it summarises.
@@ -58,10 +61,12 @@ class TaskProtocol(NamedTuple):
     population: int = 16
     std: float = 0.01
     horizon_factors: tuple[int, ...] = (1, 5)  # evaluate at T and 5T
-    # The rule that held up best past its horizon in the ablation (README): network term
-    # scaled by rms(m), and a step embedding that saturates within the shortest episode.
+    # Every method gets the same rule options (README, ablation): the network term scaled by
+    # rms(m), a step embedding that saturates within the shortest episode, and training
+    # progress (the schedule and f's progress channels; sgdm gets the schedule alone).
     optimizer_args: tuple[tuple[str, object], ...] = (
-        ("network_scale", "momentum_rms"), ("step_timescales", (1, 3, 10, 30, 100, 300)))
+        ("network_scale", "momentum_rms"), ("step_timescales", (1, 3, 10, 30, 100, 300)),
+        ("progress_centres", PROGRESS_CENTRES))
 
 
 PROTOCOLS = {
@@ -80,7 +85,7 @@ def meta_config(protocol: TaskProtocol, method: str, budget: int, run_dir, seed:
 
     return MetaTrainConfig(
         task=protocol.task, optimizer=method,
-        optimizer_args={} if method == "sgdm" else dict(protocol.optimizer_args),
+        optimizer_args=dict(protocol.optimizer_args),
         estimator="pes", population=protocol.population,
         truncation=protocol.truncation, horizon=protocol.horizon,
         min_horizon=protocol.min_horizon, outer_steps=budget, outer_lr=protocol.outer_lr,
@@ -103,7 +108,7 @@ def run_method(protocol: TaskProtocol, method: str, budget: int, out, runs, seed
                wandb: str = "disabled", log=print) -> Path:
     """Meta-train ``method`` on the task up to ``budget`` outer steps (resumable).
 
-    Returns ``out/<task>/<method>``, holding ``optimizer/`` and ``metrics.jsonl``.
+    Returns ``out/<task>/<method>``, holding ``optimizer/`` and ``metrics.jsonl.gz``.
     """
     from meta_train.config import MetaTrainConfig
     from meta_train.tracking import read_metrics
@@ -131,7 +136,10 @@ def run_method(protocol: TaskProtocol, method: str, budget: int, out, runs, seed
     if (dest / "optimizer").exists():
         shutil.rmtree(dest / "optimizer")
     shutil.copytree(run_dir / "optimizer", dest / "optimizer")
-    shutil.copy(run_dir / "metrics.jsonl", dest / "metrics.jsonl")
+    # gzip: 10,000 rows are 4 MB of JSON, 10x less compressed (results stay small).
+    with (run_dir / "metrics.jsonl").open("rb") as src, gzip.open(
+            dest / "metrics.jsonl.gz", "wb", mtime=0) as dst:
+        shutil.copyfileobj(src, dst)
     wall = sum(r.get("wall_s") or 0.0 for r in rows)
     (dest / "meta_train.json").write_text(json.dumps(
         facts | dict(wall_s=wall, session_wall_s=time.perf_counter() - t0,
@@ -200,9 +208,11 @@ def evaluate_task(protocol: TaskProtocol, methods, out, log=print) -> list[dict]
     import tasks
     from learned_opt import hand_designed
     from meta_train.evaluation import EVAL_SEEDS, TUNE_SEEDS, train_runs, tune_learning_rate
+    from meta_train.train import initial_meta_params
 
     task = tasks.get_task(protocol.task)
     task_dir = Path(out) / protocol.task
+    task_dir.mkdir(parents=True, exist_ok=True)  # baselines come first, before any method
     seeds = list(EVAL_SEEDS[:protocol.eval_seeds])
     base_path, curves_path = task_dir / "baselines.json", task_dir / "curves.json"
     baselines, curves = _read_json(base_path), _read_json(curves_path)
@@ -239,9 +249,10 @@ def evaluate_task(protocol: TaskProtocol, methods, out, log=print) -> list[dict]
             if entry is None or entry.get("optimizer_sha") != sha or entry["seeds"] != seeds:
                 log(f"[{protocol.task}/{method}] evaluating at T={steps} on seeds {seeds}")
                 lopt, meta = learned_opt.load(mdir / "optimizer")
-                runs = train_runs(task, lopt.as_optax(meta), seeds, steps)
-                init = lopt.init(_init_key(mdir))
-                runs0 = train_runs(task, lopt.as_optax(init), seeds, steps)
+                runs = train_runs(task, lopt.as_optax(meta, num_steps=steps), seeds, steps)
+                run_seed = _read_json(mdir / "meta_train.json")["config"]["seed"]
+                init = initial_meta_params(lopt, run_seed)
+                runs0 = train_runs(task, lopt.as_optax(init, num_steps=steps), seeds, steps)
                 entry = _row(runs) | dict(seeds=seeds, optimizer_sha=sha,
                                           initialisation=_row(runs0))
                 summary.setdefault("eval", {})[key] = entry
@@ -260,14 +271,6 @@ def evaluate_task(protocol: TaskProtocol, methods, out, log=print) -> list[dict]
                                vs_tuned_adam=entry["final_train_loss"] - adam))
     plot_task(curves, task_dir / "curves.png", protocol.task)
     return rows
-
-
-def _init_key(method_dir: Path):
-    """The key of the run's initial meta-parameters (``meta_train.train.build`` uses it)."""
-    import jax
-
-    seed = json.loads((method_dir / "meta_train.json").read_text())["config"]["seed"]
-    return jax.random.fold_in(jax.random.PRNGKey(seed), 0)
 
 
 def plot_task(curves: dict, path: Path, title: str) -> Path:

@@ -152,7 +152,9 @@ class InnerProblem:
         key = jax.random.fold_in(state.data_key, state.step)
         batch = self.task.sample_batch(key, "train", data=data)
         loss, grads = jax.value_and_grad(self.task.loss)(state.params, batch)
-        updates, opt_state = self.lopt.update(meta_params, state.opt_state, grads, state.params)
+        # The episode's horizon is the run's length for optimizers that use training progress.
+        updates, opt_state = self.lopt.update(meta_params, state.opt_state, grads, state.params,
+                                              num_steps=state.length)
         params = jax.tree.map(lambda p, u: p + u, state.params, updates)
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), loss
 

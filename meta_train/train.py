@@ -64,6 +64,11 @@ class MetaTrainResult(NamedTuple):
     steps_done: int
 
 
+def initial_meta_params(lopt, seed: int) -> PyTree:
+    """The meta-parameters a run with ``seed`` starts from (its learned optimizer's init)."""
+    return lopt.init(jax.random.fold_in(jax.random.PRNGKey(seed), 0))
+
+
 def step_key(seed: int, t) -> jax.Array:
     """The key of outer step ``t``: a function of (seed, t) only."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 2), t)
@@ -134,7 +139,7 @@ def build(config: MetaTrainConfig) -> Setup:
             raise ConfigError(f"could not set loss_cap automatically (initial loss {cap / 3})")
         config = config.replace(loss_cap=float(f"{cap:.6g}"))
     problem = InnerProblem(task, lopt, config.loss_cap)
-    meta0 = lopt.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0))
+    meta0 = initial_meta_params(lopt, config.seed)
     member_sharding = NamedSharding(mesh, PartitionSpec("pop")) if mesh.size > 1 else None
     estimator = ESTIMATORS[config.estimator](
         problem,

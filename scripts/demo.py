@@ -48,6 +48,7 @@ def main(argv=None):
     from meta_train import MetaTrainConfig, meta_train
     from meta_train.evaluation import EVAL_SEEDS, TUNE_SEEDS, compare, format_table, train_runs
     from meta_train.experiment import PROTOCOLS
+    from meta_train.train import initial_meta_params
 
     out = Path(args.out)
     if args.fresh and out.exists():
@@ -76,7 +77,7 @@ def main(argv=None):
     t_train = time.perf_counter() - t_start
     lopt, meta = result.lopt, result.meta_params
     nominal = {k: float(v) for k, v in lopt.nominal(meta).items()}
-    init = lopt.init(jax.random.fold_in(jax.random.PRNGKey(args.seed), 0))
+    init = initial_meta_params(lopt, args.seed)
     init_nominal = {k: float(v) for k, v in lopt.nominal(init).items()}
     print("nominal terms, init -> trained: "
           + ", ".join(f"{k} {init_nominal[k]:.4g} -> {nominal[k]:.4g}" for k in nominal))
@@ -85,11 +86,16 @@ def main(argv=None):
 
     task = tasks.get_task("mlp_fmnist")
     seeds = [EVAL_SEEDS[0] + i for i in range(args.seeds)]
-    learned = {
-        "unf (meta-trained)": lopt.as_optax(meta),
-        "unf (meta-trained, beta=0)": lopt.as_optax(meta | {"beta": 0.0 * meta["beta"]}),
-        "unf (initialisation)": lopt.as_optax(init),
-    }
+
+    def learned_at(steps):  # optimizers with training progress are told the run's length
+        return {
+            "unf (meta-trained)": lopt.as_optax(meta, num_steps=steps),
+            "unf (meta-trained, beta=0)": lopt.as_optax(meta | {"beta": 0.0 * meta["beta"]},
+                                                        num_steps=steps),
+            "unf (initialisation)": lopt.as_optax(init, num_steps=steps),
+        }
+
+    learned = learned_at(config.horizon)
     print(f"2/2 evaluating on unseen seeds {seeds} for T={config.horizon} steps "
           f"(baselines tuned on seeds {list(TUNE_SEEDS)})")
     rows, plot = compare(task, learned, steps=config.horizon, seeds=seeds,
@@ -123,7 +129,7 @@ def main(argv=None):
              if abs(d_net) <= 2 * se_net else "the network term hurts."))
     long = 5 * config.horizon
     print(f"\nbeyond the horizon: T={long} steps on the same unseen seeds")
-    far = {name: train_runs(task, learned[name], seeds, long).final_train
+    far = {name: train_runs(task, learned_at(long)[name], seeds, long).final_train
            for name in ("unf (meta-trained)", "unf (initialisation)")}
     for name, losses in far.items():
         print(f"  {name:<22} full training-split loss {losses.mean():.4f} +- "

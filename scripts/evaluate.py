@@ -47,32 +47,33 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def learned_candidates(args, run_config):
-    """Display name -> optax transformation for every learned optimizer to evaluate."""
-    import jax
+def learned_candidates(args, run_config, steps):
+    """Display name -> optax transformation for every learned optimizer to evaluate.
 
+    ``steps`` is the run length given to optimizers that use training progress.
+    """
     import learned_opt
+    from meta_train.train import initial_meta_params
 
     path = args.optimizer or (Path(args.run) / "optimizer" if args.run else None)
     if path is None:
         raise SystemExit("evaluate.py: error: give --run or --optimizer")
     lopt, meta = learned_opt.load(path)
-    out = {f"{lopt.name} (meta-trained)": lopt.as_optax(meta)}
+    out = {f"{lopt.name} (meta-trained)": lopt.as_optax(meta, num_steps=steps)}
     if args.beta0:
         if "beta" not in meta:
             raise SystemExit(f"evaluate.py: error: --beta0: optimizer {lopt.name!r} has no beta")
         no_net = meta | {"beta": 0.0 * meta["beta"]}
-        out[f"{lopt.name} (meta-trained, beta=0)"] = lopt.as_optax(no_net)
+        out[f"{lopt.name} (meta-trained, beta=0)"] = lopt.as_optax(no_net, num_steps=steps)
     if args.init:
         if run_config is None:
             raise SystemExit("evaluate.py: error: --init needs --run (the run's seed)")
-        # The exact initial meta-parameters of the run (meta_train.train.build uses this key).
-        init = lopt.init(jax.random.fold_in(jax.random.PRNGKey(run_config.seed), 0))
-        out[f"{lopt.name} (initialisation)"] = lopt.as_optax(init)
+        init = initial_meta_params(lopt, run_config.seed)  # exactly where the run started
+        out[f"{lopt.name} (initialisation)"] = lopt.as_optax(init, num_steps=steps)
     if args.sgdm:
         s_lopt, s_meta = learned_opt.load(args.sgdm)
         name = f"{s_lopt.name} (meta-trained, {Path(args.sgdm).parent.name})"
-        out[name] = s_lopt.as_optax(s_meta)
+        out[name] = s_lopt.as_optax(s_meta, num_steps=steps)
     return out
 
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     if steps is None:
         raise SystemExit("evaluate.py: error: give --steps (or --run)")
     task = tasks.get_task(task_name, **task_args)
-    learned = learned_candidates(args, run_config)
+    learned = learned_candidates(args, run_config, steps)
     baselines = [b for b in args.baselines.split(",") if b]
     seeds = [EVAL_SEEDS[0] + i for i in range(args.seeds)]
     tune = [200 + i for i in range(args.tune_seeds)]

@@ -42,11 +42,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results/experiment1", help="results directory")
     p.add_argument("--runs", default="runs/experiment1",
                    help="meta-training run directories (checkpoints; not committed)")
+    p.add_argument("--horizon-factors", nargs="+", type=int, default=None, metavar="F",
+                   help="evaluate at these multiples of each task's T (default: the protocol's, "
+                   "1 and 5). Evaluations are cached per horizon, so a later run with more "
+                   "factors only adds the missing ones")
     p.add_argument("--skip-eval", action="store_true", help="meta-train only")
     p.add_argument("--eval-only", action="store_true", help="evaluate what is there")
     p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="disabled")
     add_data_dir_flag(p)
     args = p.parse_args(argv)
+    if args.horizon_factors is not None and min(args.horizon_factors) < 1:
+        p.error(f"--horizon-factors must be >= 1, got {args.horizon_factors}")
     if args.budget < 1:
         p.error(f"--budget must be >= 1, got {args.budget}")
     for task in args.tasks:
@@ -73,6 +79,8 @@ def main(argv=None) -> int:
     rows = []
     for task in args.tasks:
         protocol = PROTOCOLS[task]
+        if args.horizon_factors:
+            protocol = protocol._replace(horizon_factors=tuple(args.horizon_factors))
         methods = args.methods or list(protocol.methods)
         if not args.eval_only:
             for method in methods:
@@ -81,14 +89,18 @@ def main(argv=None) -> int:
             rows += evaluate_task(protocol, protocol.methods, out)
     if rows:
         path = out / "summary.csv"
-        done = {r["task"] for r in rows}
-        if path.exists():  # keep the rows of tasks not evaluated now
+        done = {(r["task"], str(r["horizon"])) for r in rows}
+        if path.exists():  # keep the rows of tasks and horizons not evaluated now
             with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if r["task"] not in done] + rows
+                rows = [r for r in csv.DictReader(f)
+                        if (r["task"], r["horizon"]) not in done] + rows
+        order = list(PROTOCOLS)
+        rows.sort(key=lambda r: (order.index(r["task"]) if r["task"] in order else len(order),
+                                 int(r["horizon"])))
         write_summary_csv(rows, path)
         print(f"summary: {path}")
         for r in rows:
-            if r["task"] in done:
+            if (r["task"], str(r["horizon"])) in done:
                 loss, se = float(r["final_train_loss"]), float(r["final_train_loss_se"])
                 print(f"{r['task']:<15} {r['method']:<14} T={r['horizon']:<6} train loss "
                       f"{loss:.4f} +- {se:.4f}")

@@ -277,6 +277,41 @@ def test_sampled_episodes_reset_with_new_lengths():
     assert len(seen) >= 4 and min(seen) >= 10 and max(seen) <= 60, seen
 
 
+def test_inner_runs_tell_the_optimizer_their_episode_length():
+    # With training progress, a member's update sees num_steps = its episode's length: the
+    # unroll must equal a hand-written loop with as_optax(meta, num_steps=length).
+    import optax
+
+    import tasks
+    from meta_train.inner import InnerProblem
+
+    task = tasks.get_task("mlp_fmnist_tiny")
+    lopt = learned_opt.learned_optimizer("sgdm", task.init(jax.random.PRNGKey(0)),
+                                         progress_centres=(0.2, 0.6))
+    meta = lopt.init(jax.random.PRNGKey(1)) | {"progress_gain": jnp.asarray([1.0, -2.0])}
+    population = jax.tree.map(lambda x: jnp.stack([x] * 4), meta)
+    problem = InnerProblem(task, lopt, loss_cap=10.0)
+    lengths = jnp.asarray([10, 40, 10, 40])  # pair 0: 10 steps, pair 1: 40
+    state = problem.reset(population, problem.init(meta, 4), jnp.ones(4, bool),
+                          jax.random.PRNGKey(2), lengths)
+    end, _ = problem.unroll(population, state, 6)
+    for member in (0, 1):
+        one = jax.tree.map(lambda x: x[member], state)
+        tx = lopt.as_optax(meta, num_steps=int(lengths[member]))
+        params, opt_state = one.params, tx.init(one.params)
+        for s in range(6):
+            batch = task.sample_batch(jax.random.fold_in(one.data_key, s), "train")
+            grads = jax.grad(task.loss)(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        got = jax.tree.map(lambda x: x[member], end.params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # The two lengths really lead to different runs (the schedule differs).
+    assert not np.allclose(_flat(jax.tree.map(lambda x: x[0], end.params)),
+                           _flat(jax.tree.map(lambda x: x[1], end.params)))
+
+
 @pytest.mark.parametrize("changes", [dict(min_horizon=3), dict(min_horizon=25),
                                      dict(min_horizon=10, estimator="es")])
 def test_bad_min_horizon_is_refused(changes):
@@ -302,8 +337,10 @@ def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
     summary = json.loads((task_dir / "unf" / "summary.json").read_text())
     assert set(summary["eval"]) == {"T=20", "T=100"}
     assert summary["outer_steps"] == 6 and summary["member_steps"] == 6 * 4 * 5
-    lopt = learned_opt.load_optax(task_dir / "unf" / "optimizer")
-    assert lopt is not None
+    # The protocol's rule uses training progress: the checkpoint needs the run's length.
+    with pytest.raises(ValueError, match="num_steps"):
+        learned_opt.load_optax(task_dir / "unf" / "optimizer")
+    assert learned_opt.load_optax(task_dir / "unf" / "optimizer", num_steps=20) is not None
     assert {(r["method"], r["horizon"]) for r in rows} >= {("unf", 20), ("unf", 100),
                                                            ("adam (tuned)", 100)}
     # A rerun reuses everything; a larger budget continues the same run.

@@ -1,5 +1,6 @@
 """Tests of the learned optimizers: equivariance, the nominal rule, sizes, optax, errors."""
 
+import functools
 import math
 
 import jax
@@ -10,7 +11,12 @@ import pytest
 
 import learned_opt
 from learned_opt import hand_designed
-from learned_opt.features import build_features, step_embedding, update_momenta
+from learned_opt.features import (
+    build_features,
+    progress_embedding,
+    step_embedding,
+    update_momenta,
+)
 from learned_opt.optimizers import LearnedOptimizerState, relax_fixed_axes
 from learned_opt.spec import PermSpecError, label_sizes, permute
 
@@ -96,6 +102,15 @@ def warm_state(update, lopt, meta, params, seed, steps=2):
     return state
 
 
+def progress_scale(lopt, meta, step, num_steps):
+    """exp(progress_gain . e) of the learned schedule, by hand (1.0 without progress)."""
+    centres = np.asarray(lopt.config.progress_centres)
+    if not len(centres):
+        return 1.0
+    p = min(max(int(step) / num_steps, 0.0), 1.0)
+    return float(np.exp(np.dot(np.asarray(meta["progress_gain"]), np.tanh(10 * (p - centres)))))
+
+
 def assert_trees_close(a, b, **kw):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
@@ -103,10 +118,18 @@ def assert_trees_close(a, b, **kw):
 
 # ---------------------------------------------------------------- equivariance
 
-EQUIVARIANCE_CASES = [(m, s, "none") for m in ("unf", "unf_deep", "deepset", "nfn")
+# Rule options under test (beyond the paper's defaults), by name.
+RULE_OPTIONS = {
+    "paper": {},
+    # The scaled network term (a per-tensor statistic: invariant) keeps the rule equivariant.
+    "momentum_rms": {"network_scale": "momentum_rms"},
+    # Training progress is one vector for all parameters (invariant): same.
+    "progress": {"network_scale": "momentum_rms", "progress_centres": (0.1, 0.5, 0.9)},
+}
+EQUIVARIANCE_CASES = [(m, s, "paper") for m in ("unf", "unf_deep", "deepset", "nfn")
                       for s in SPACES if not (m == "nfn" and s in ("rnn", "transformer"))]
-# The scaled network term (a per-tensor statistic: invariant) keeps the rule equivariant.
-EQUIVARIANCE_CASES += [("unf", "mlp", "momentum_rms"), ("deepset", "rnn", "momentum_rms")]
+EQUIVARIANCE_CASES += [("unf", "mlp", "momentum_rms"), ("deepset", "rnn", "momentum_rms"),
+                       ("unf", "cnn", "progress")]
 
 
 def numpy_permutations(seed, sizes):
@@ -115,24 +138,26 @@ def numpy_permutations(seed, sizes):
     return {lab: jnp.asarray(rng.permutation(n)) for lab, n in sorted(sizes.items(), key=repr)}
 
 
-@pytest.mark.parametrize("method,space,network_scale", EQUIVARIANCE_CASES)
-def test_update_is_equivariant(method, space, network_scale):
+@pytest.mark.parametrize("method,space,rule", EQUIVARIANCE_CASES)
+def test_update_is_equivariant(method, space, rule):
     shapes, spec = SPACES[space]()
     params = random_tree(1, shapes, 0.5)
     # unf_deep: 4 UNF layers on the MLP; 2 elsewhere (the same layers stacked, compiles faster).
     config = {"num_layers": 2} if method == "unf_deep" and space != "mlp" else {}
-    config["network_scale"] = network_scale
+    config |= RULE_OPTIONS[rule]
     lopt = learned_opt.learned_optimizer(method, params, spec, **config)
     meta = lopt.init(jax.random.key(2))
     meta["beta"] = jnp.float32(1.0)  # make the network term as large as the momentum term
-    update = jax.jit(lopt.update)
+    if "progress_gain" in meta:
+        meta["progress_gain"] = jnp.asarray([0.2, -0.1, 0.3])  # exp(gain . e) is ~1.12 here
+    update = jax.jit(functools.partial(lopt.update, num_steps=5))
     state = warm_state(update, lopt, meta, params, 3)
     grads = random_tree(4, shapes)
     updates, _ = update(meta, state, grads, params)
 
     # The network term is really there (otherwise equivariance would be trivial).
     m = jax.tree.map(lambda m, g: 0.9 * m + g, state.momentum, grads)
-    alpha = float(lopt.nominal(meta)["alpha"])
+    alpha = float(lopt.nominal(meta)["alpha"]) * progress_scale(lopt, meta, state.step, 5)
     net_term = [np.abs(np.asarray(u) + alpha * np.asarray(mm)).max()
                 for u, mm in zip(jax.tree.leaves(updates), jax.tree.leaves(m), strict=True)]
     assert max(net_term) > 1e-3 * alpha
@@ -440,3 +465,83 @@ def test_momentum_rms_network_term_shrinks_with_the_gradients():
     np.testing.assert_allclose(ratios["momentum_rms"], 0.1, rtol=0.02)
     assert min(ratios["none"]) > 0.15  # the paper's network term shrinks far less
 
+
+
+# ---------------------------------------------------------------- training progress
+
+
+def test_progress_embedding_against_the_formula():
+    centres = (0.03, 0.5, 1.1)
+    for step, n in [(0, 10), (3, 10), (10, 10), (25, 10), (7, 1)]:
+        p = min(step / n, 1.0)  # past num_steps the last step's value is kept
+        np.testing.assert_allclose(progress_embedding(jnp.int32(step), jnp.int32(n), centres),
+                                   np.tanh(10 * (p - np.asarray(centres))), rtol=1e-6)
+
+
+def test_progress_schedule_against_brute_force():
+    # sgdm with progress: update = -alpha * exp(gain . e(t / N)) * m, step by step; zero gain
+    # is exactly the plain rule; a different N changes the steps.
+    shapes, _ = mlp_space()
+    params = random_tree(0, shapes)
+    centres = (0.1, 0.5, 0.9)
+    lopt = learned_opt.learned_optimizer("sgdm", params, progress_centres=centres)
+    plain = learned_opt.learned_optimizer("sgdm", params)
+    meta = lopt.init(jax.random.key(0))
+    assert np.all(np.asarray(meta["progress_gain"]) == 0)
+    gained = meta | {"progress_gain": jnp.asarray([0.5, -1.0, 2.0])}
+    update = jax.jit(lopt.update)
+    s_plain, s_zero, s_gain = (plain.init_state(meta, params), lopt.init_state(meta, params),
+                               lopt.init_state(meta, params))
+    m = jax.tree.map(jnp.zeros_like, params)
+    for t in range(6):  # N=4: the last two steps are past the end (clipped progress)
+        grads = random_tree(10 + t, shapes)
+        u_plain, s_plain = plain.update(plain.init(jax.random.key(0)), s_plain, grads, params)
+        u_zero, s_zero = update(meta, s_zero, grads, params, 4)
+        u_gain, s_gain = update(gained, s_gain, grads, params, 4)
+        assert_trees_close(u_zero, u_plain, rtol=1e-5, atol=1e-8)
+        m = jax.tree.map(lambda m, g: 0.9 * m + g, m, grads)
+        scale = progress_scale(lopt, gained, t, 4)
+        assert_trees_close(u_gain, jax.tree.map(lambda m: -0.1 * scale * m, m), rtol=1e-5)
+    u_other, _ = update(gained, s_gain._replace(step=jnp.int32(1)), grads, params, 8)
+    u_four, _ = update(gained, s_gain._replace(step=jnp.int32(1)), grads, params, 4)
+    assert not np.allclose(np.asarray(u_other["Dense_0"]["bias"]),
+                           np.asarray(u_four["Dense_0"]["bias"]))
+
+
+def test_progress_reaches_the_network():
+    # With the schedule off (gain 0) the network term alone must depend on the progress.
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes, 0.5)
+    lopt = learned_opt.learned_optimizer("unf", params, spec, progress_centres=(0.2, 0.8))
+    meta = lopt.init(jax.random.key(1)) | {"beta": jnp.float32(1.0)}
+    state = lopt.init_state(meta, params)._replace(step=jnp.int32(5))
+    grads = random_tree(2, shapes)
+    early, _ = lopt.update(meta, state, grads, params, num_steps=100)
+    late, _ = lopt.update(meta, state, grads, params, num_steps=6)
+    diff = max(float(jnp.abs(a - b).max())
+               for a, b in zip(jax.tree.leaves(early), jax.tree.leaves(late), strict=True))
+    assert diff > 1e-4
+
+
+def test_progress_needs_num_steps(tmp_path):
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes)
+    lopt = learned_opt.learned_optimizer("unf", params, spec, progress_centres=(0.5,))
+    meta = lopt.init(jax.random.key(0))
+    with pytest.raises(ValueError, match="num_steps"):
+        lopt.as_optax(meta)
+    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
+        lopt.as_optax(meta, num_steps=0)
+    with pytest.raises(ValueError, match="training progress"):
+        lopt.update(meta, lopt.init_state(meta, params), params, params)
+    path = learned_opt.save(tmp_path / "opt", lopt, meta)
+    with pytest.raises(ValueError, match="load_optax\\(path, num_steps="):
+        learned_opt.load_optax(path)
+    tx = learned_opt.load_optax(path, num_steps=100)
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    # Optimizers without progress ignore num_steps.
+    plain = learned_opt.learned_optimizer("sgdm", params)
+    plain.as_optax(plain.init(jax.random.key(0)), num_steps=100)
+    with pytest.raises(ValueError, match="progress_centres must be finite"):
+        learned_opt.learned_optimizer("sgdm", params, progress_centres=(float("nan"),))
