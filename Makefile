@@ -21,8 +21,9 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) scripts/demo.py
 
+# The suite includes the docstring examples of the three packages (doctests).
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest tests --doctest-modules learned_opt meta_train tasks
 
 lint: setup
 	$(VENV)/bin/ruff check .

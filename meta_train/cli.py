@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from meta_train.config import ConfigError, MetaTrainConfig
+from meta_train.config import CHOICES, ConfigError, MetaTrainConfig
 
 _SINGULAR = {"task_args": "task-arg", "optimizer_args": "optimizer-arg"}
 
@@ -53,12 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
                                 help=f"{help_text} (default: {default})")
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            choices = {
-                "estimator": ("pes", "es"),
-                "objective": ("mean", "final"),
-                "fitness_shaping": ("raw", "centered_rank"),
-                "wandb": ("online", "offline", "disabled"),
-            }.get(f.name)
+            choices = CHOICES.get(f.name)
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
                                 default=None, choices=choices,
                                 help=f"{help_text} (default: {default})")

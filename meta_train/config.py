@@ -18,6 +18,14 @@ import json
 import math
 from typing import Any
 
+from meta_train.estimators import ESTIMATORS, FITNESS_SHAPING, OBJECTIVES
+from meta_train.tracking import WANDB_MODES
+
+# The valid values of each choice option, from the modules that implement them (the CLI's
+# ``choices`` come from here too).
+CHOICES = {"estimator": tuple(ESTIMATORS), "objective": OBJECTIVES,
+           "fitness_shaping": tuple(FITNESS_SHAPING), "wandb": WANDB_MODES}
+
 
 class ConfigError(ValueError):
     """A meta-training option is invalid or incompatible with another one."""
@@ -47,8 +55,9 @@ class MetaTrainConfig:
     outer_lr: float = _field(3e-3, "learning rate of the outer Adam")
     clip: float = _field(1.0, "global-norm clipping of the ES gradient before Adam")
     std: float = _field(0.01, "perturbation standard deviation")
-    objective: str = _field("mean", "meta-objective: mean (training loss over each unroll) or "
-                            "final (training loss at the end of the horizon)")
+    objective: str = _field("mean", "meta-objective: mean (training loss over each unroll), "
+                            "mean_log (its logarithm: late-training gains weigh as much as "
+                            "early ones) or final (training loss at the end of the horizon)")
     fitness_shaping: str = _field("raw", "raw or centered_rank")
     loss_cap: float = _field(0.0, "per-step inner loss cap (NaN/inf count as the cap); 0: 3x "
                              "the task's mean initial loss, measured at start")
@@ -72,8 +81,9 @@ class MetaTrainConfig:
             raise ConfigError(
                 f"population must be even (antithetic pairs i, i+N/2), got {self.population}"
             )
-        if self.estimator not in ("pes", "es"):
-            raise ConfigError(f"estimator must be 'pes' or 'es', got {self.estimator!r}")
+        for name, valid in CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{name} must be one of {valid}, got {getattr(self, name)!r}")
         if self.estimator == "pes" and self.horizon % self.truncation:
             raise ConfigError(
                 f"horizon ({self.horizon}) must be a multiple of truncation ({self.truncation})"
@@ -84,22 +94,12 @@ class MetaTrainConfig:
                 f"min_horizon ({self.min_horizon}) needs estimator 'pes' and must lie in "
                 f"[truncation ({self.truncation}), horizon ({self.horizon})]; 0 disables it"
             )
-        if self.objective not in ("mean", "final"):
-            raise ConfigError(f"objective must be 'mean' or 'final', got {self.objective!r}")
-        if self.fitness_shaping not in ("raw", "centered_rank"):
-            raise ConfigError(
-                f"fitness_shaping must be 'raw' or 'centered_rank', got {self.fitness_shaping!r}"
-            )
         if self.estimator == "pes" and self.objective == "final" and (
             self.fitness_shaping != "raw"
         ):
             raise ConfigError(
                 "objective 'final' with estimator 'pes' needs fitness_shaping 'raw' (only the "
                 "truncations that end an episode are scored)"
-            )
-        if self.wandb not in ("online", "offline", "disabled"):
-            raise ConfigError(
-                f"wandb must be 'online', 'offline' or 'disabled', got {self.wandb!r}"
             )
         for name in ("std", "outer_lr", "clip"):
             value = getattr(self, name)

@@ -15,7 +15,9 @@ comes from ``key``, which the trainer derives from ``(seed, t)``.
 * ``es``: antithetic OpenAI-ES (evosax ``Open_ES``) over full unrolls of T steps from fresh
   initialisations at every outer step (unbiased, but T/K times more inner steps per update).
 
-Meta-objectives: ``mean`` scores an unroll by its mean (capped) training loss; ``final`` by the
+Meta-objectives: ``mean`` scores an unroll by its mean (capped) training loss; ``mean_log`` by
+the mean of its logarithm, so that a relative improvement counts the same late in training as
+early (with ``mean`` the large early losses dominate the fitness differences); ``final`` by the
 training loss of the last step of the horizon (under PES only the truncation that ends an
 episode is scored; the others get fitness 0, which antithetic pairs cancel exactly).
 
@@ -46,7 +48,8 @@ FITNESS_SHAPING = {
     "raw": identity_fitness_shaping_fn,
     "centered_rank": centered_rank_fitness_shaping_fn,
 }
-OBJECTIVES = ("mean", "final")
+OBJECTIVES = ("mean", "mean_log", "final")
+_LOG_FLOOR = 1e-6  # log of a loss that reached 0 stays finite
 
 
 class RecordNormState(NamedTuple):
@@ -70,7 +73,11 @@ def record_norm() -> optax.GradientTransformation:
 
 
 def outer_optimizer(learning_rate: float, clip: float = 1.0) -> optax.GradientTransformation:
-    """The paper's outer optimizer: Adam after clipping the ES gradient to global norm ``clip``."""
+    """The paper's outer optimizer: Adam after clipping the ES gradient to global norm ``clip``.
+
+    Estimators accept any optax optimizer (``optimizer=``); the ``grad_norm`` metric is the
+    norm stored by a :func:`record_norm` in it (NaN without one).
+    """
     return optax.chain(record_norm(), optax.clip_by_global_norm(clip), optax.adam(learning_rate))
 
 
@@ -152,12 +159,22 @@ class _Base:
         """The current meta-parameters (the search distribution's mean) as a pytree."""
         return self.strategy.get_mean(state.es)
 
+    def _fitness(self, losses: jax.Array, finished: jax.Array) -> jax.Array:
+        """Per-member fitness of capped losses [N, K] (``final``: 0 unless the episode ended)."""
+        if self.objective == "mean":
+            return losses.mean(axis=1)
+        if self.objective == "mean_log":
+            return jnp.log(jnp.maximum(losses, _LOG_FLOOR)).mean(axis=1)
+        return jnp.where(finished, losses[:, -1], 0.0)
+
     def _tell(self, key, population, fitness, es_state):
         new, _ = self.strategy.tell(key, population, fitness, es_state, self.es_params)
         ok = jnp.all(jnp.isfinite(new.mean))
         # Guard: never let a non-finite mean (or optimizer state) replace a finite one.
         guarded = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, es_state)
-        grad_norm = new.opt_state[0].norm
+        # Logged when the outer optimizer records it (``outer_optimizer`` does); NaN otherwise,
+        # so that any optax optimizer can be injected.
+        grad_norm = optax.tree_utils.tree_get(new.opt_state, "norm", default=jnp.nan)
         return guarded, grad_norm, ~ok
 
     def _metrics(self, out, fitness_raw, finished, grad_norm, skipped):
@@ -263,10 +280,7 @@ class PES(_Base):
         inner = _constrain(inner, self.member_sharding)
         inner, out = self.problem.unroll(population, inner, self.truncation, data)
         finished = inner.step >= inner.length
-        if self.objective == "mean":
-            fitness = out.losses.mean(axis=1)
-        else:
-            fitness = jnp.where(finished, out.losses[:, -1], 0.0)
+        fitness = self._fitness(out.losses, finished)
         es_state, grad_norm, skipped = self._tell(k_tell, population, fitness, es_state)
         metrics = self._metrics(out, fitness, finished, grad_norm, skipped)
         return EstimatorState(es=es_state, inner=inner), metrics
@@ -306,7 +320,7 @@ class FullES(_Base):
         inner = _constrain(inner, self.member_sharding)
         _, out = self.problem.unroll(population, inner, self.horizon, data)
         finished = jnp.ones(self.population, bool)
-        fitness = out.losses.mean(axis=1) if self.objective == "mean" else out.losses[:, -1]
+        fitness = self._fitness(out.losses, finished)
         es_state, grad_norm, skipped = self._tell(k_tell, population, fitness, es_state)
         metrics = self._metrics(out, fitness, finished, grad_norm, skipped)
         return EstimatorState(es=es_state, inner=None), metrics

@@ -13,6 +13,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+WANDB_MODES = ("online", "offline", "disabled")
+
 
 def _jsonable(v: Any) -> Any:
     v = float(v) if not isinstance(v, (int, str, bool)) else v

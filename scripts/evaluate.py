@@ -20,6 +20,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
 
 from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
+from meta_train.tracking import WANDB_MODES  # noqa: E402
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default="sgdm,adam",
                    help="comma-separated tuned baselines (sgdm, adam; empty for none)")
     p.add_argument("--out", help="output directory (default RUN/eval or ./eval)")
-    p.add_argument("--wandb", choices=("online", "offline", "disabled"), default="offline",
+    p.add_argument("--wandb", choices=WANDB_MODES, default="offline",
                    help="wandb mode")
     return p
 

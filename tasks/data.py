@@ -16,7 +16,7 @@ Loaded arrays are cached per (dataset, data directory) for the life of the proce
 several tasks does not reload or copy the data.
 
 Example:
-  >>> data = load_fashion_mnist("/work/shared/data")   # doctest: +SKIP
+  >>> data = load_fashion_mnist()   # from $LOPT_DATA_DIR if set, else tensorflow-datasets
   >>> data["train"]["inputs"].shape, data["train"]["inputs"].dtype
   ((60000, 8, 8), dtype('uint16'))
 """

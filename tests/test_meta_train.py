@@ -4,6 +4,7 @@ transparent, the CLI writes a loadable run and rejects bad flags at once.
 Tiny configurations (mlp_fmnist_tiny, sgdm: 2 meta-parameters) keep compile times low.
 """
 
+import gzip
 import json
 import os
 import subprocess
@@ -277,6 +278,25 @@ def test_sampled_episodes_reset_with_new_lengths():
     assert len(seen) >= 4 and min(seen) >= 10 and max(seen) <= 60, seen
 
 
+def test_any_optax_outer_optimizer_can_be_injected():
+    # Plain optax.adam (no record_norm): the step runs, the meta-parameters move, grad_norm is NaN.
+    import optax
+
+    from meta_train.estimators import PES
+
+    setup = mt.build(MetaTrainConfig(**TINY))
+    meta0 = setup.lopt.init(jax.random.PRNGKey(0))
+    est = PES(setup.estimator.problem, meta0, population=4, truncation=5, horizon=20,
+              optimizer=optax.adam(1e-2))
+    state = est.init(jax.random.PRNGKey(1), meta0)
+    state, metrics = jax.jit(est.step)(state, jax.random.PRNGKey(2), jnp.int32(0))
+    assert np.isnan(float(metrics["grad_norm"]))
+    assert not np.allclose(_flat(est.mean(state)), _flat(meta0))
+    # The default outer optimizer records it.
+    _, history = _run(setup, mt.init_state(setup), 0, 1)
+    assert np.isfinite(history[0]["grad_norm"]) and history[0]["grad_norm"] > 0
+
+
 def test_inner_runs_tell_the_optimizer_their_episode_length():
     # With training progress, a member's update sees num_steps = its episode's length: the
     # unroll must equal a hand-written loop with as_optax(meta, num_steps=length).
@@ -350,3 +370,10 @@ def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
     experiment.run_method(protocol, "unf", 8, out, runs, log=logs.append)
     assert "resuming from 6" in logs[-1]
     assert len(read_metrics(runs / "mlp_fmnist_tiny" / "unf")) == 8
+    # A copy interrupted before meta_train.json (written last) is redone, not trusted.
+    (task_dir / "unf" / "meta_train.json").unlink()
+    experiment.run_method(protocol, "unf", 8, out, runs, log=logs.append)
+    assert "resuming from 8" in logs[-1]
+    assert json.loads((task_dir / "unf" / "meta_train.json").read_text())["outer_steps"] == 8
+    with gzip.open(task_dir / "unf" / "metrics.jsonl.gz", "rt") as f:
+        assert len(f.read().splitlines()) == 8
