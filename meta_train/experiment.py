@@ -48,11 +48,11 @@ RESULT_FIELDS = {"final_train_loss": "final_train", "final_test_loss": "final_te
                  "test_accuracy": "test_accuracy"}
 
 
-# Every method gets the same rule options (README, ablation): the network term scaled by rms(m),
-# a step embedding that saturates within the shortest episode, and training progress (the
-# schedule and f's progress channels; sgdm gets the schedule alone).
-RULE = (("network_scale", "momentum_rms"), ("step_timescales", (1, 3, 10, 30, 100, 300)),
-        ("progress_centres", PROGRESS_CENTRES))
+# Every method gets the same rule options (README, ablation): the network term scaled by rms(m)
+# and kept tangent to the weights, a step embedding that saturates within the shortest episode,
+# and training progress (the schedule and f's progress channels; sgdm gets the schedule alone).
+RULE = (("network_scale", "momentum_rms"), ("network_tangent", True),
+        ("step_timescales", (1, 3, 10, 30, 100, 300)), ("progress_centres", PROGRESS_CENTRES))
 
 
 class TaskProtocol(NamedTuple):

@@ -279,6 +279,7 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
     resume_step = _resume_step(config)
     if resume_step is not None:
         config = _resolve_resume(config, given)
+    compiles_here = setup is None  # a given setup's step may have been compiled already
     if setup is None:
         setup = build(config)
     else:
@@ -332,7 +333,12 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
 
     try:
         for t in range(start, config.outer_steps):
+            t_call = time.perf_counter()
             new_state, metrics = step_fn(state, np.int32(t))
+            if t == start and compiles_here:  # the first call traces and compiles (blocking);
+                # execution itself is asynchronous, so this is the compile time
+                _say(bar, f"outer step compiled in {time.perf_counter() - t_call:.1f} s "
+                     "(tracing + XLA, once per process)")
             if pending is not None:
                 flush(pending)
                 pending = None
@@ -362,6 +368,14 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
     meta_params = jax.device_get(setup.estimator.mean(state))
     learned_opt.save(run_dir / "optimizer", setup.lopt, meta_params)
     return MetaTrainResult(setup.lopt, meta_params, history, run_dir, done)
+
+
+def _say(bar, message: str) -> None:
+    """Print ``message`` without breaking the progress bar."""
+    if bar is None:
+        print(message)
+    else:
+        bar.write(message)
 
 
 def load_run_config(run_dir) -> MetaTrainConfig:

@@ -7,6 +7,7 @@ Tiny configurations (mlp_fmnist_tiny, sgdm: 2 meta-parameters) keep compile time
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,7 @@ def test_cli_writes_run_dir_metrics_checkpoint_and_optimizer(tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"outer step compiled in \d+\.\d s", proc.stdout + proc.stderr)
     config = json.loads((out / "config.json").read_text())
     assert config["population"] == 4 and config["loss_cap"] > 0
     rows = read_metrics(out)
@@ -276,6 +278,23 @@ def test_sampled_episodes_reset_with_new_lengths():
         state, _ = setup.step_fn(state, np.int32(t))
         seen |= set(jax.device_get(state.inner.length).tolist())
     assert len(seen) >= 4 and min(seen) >= 10 and max(seen) <= 60, seen
+
+
+def test_objectives_score_unrolls_as_documented():
+    from meta_train.estimators import OBJECTIVES
+
+    est = mt.build(MetaTrainConfig(**TINY)).estimator
+    losses = jnp.asarray([[1.0, 4.0], [0.5, 2.0]])
+    finished = jnp.asarray([True, False])
+    expected = {"mean": [2.5, 1.25], "mean_log": [np.log(2.0), 0.0], "final": [4.0, 0.0]}
+    assert set(expected) == set(OBJECTIVES)
+    for objective, want in expected.items():
+        est.objective = objective
+        np.testing.assert_allclose(est._fitness(losses, finished), want, rtol=1e-6, atol=1e-7)
+    # The config and the CLI offer exactly these.
+    MetaTrainConfig(**TINY, objective="mean_log")
+    with pytest.raises(ConfigError, match=r"objective must be one of \('mean', 'mean_log'"):
+        MetaTrainConfig(**TINY, objective="median")
 
 
 def test_any_optax_outer_optimizer_can_be_injected():

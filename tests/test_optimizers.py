@@ -123,8 +123,10 @@ RULE_OPTIONS = {
     "paper": {},
     # The scaled network term (a per-tensor statistic: invariant) keeps the rule equivariant.
     "momentum_rms": {"network_scale": "momentum_rms"},
-    # Training progress is one vector for all parameters (invariant): same.
-    "progress": {"network_scale": "momentum_rms", "progress_centres": (0.1, 0.5, 0.9)},
+    # Training progress is one vector for all parameters, the tangent projection uses
+    # whole-tensor inner products (both invariant): same.
+    "progress": {"network_scale": "momentum_rms", "network_tangent": True,
+                 "progress_centres": (0.1, 0.5, 0.9)},
 }
 EQUIVARIANCE_CASES = [(m, s, "paper") for m in ("unf", "unf_deep", "deepset", "nfn")
                       for s in SPACES if not (m == "nfn" and s in ("rnn", "transformer"))]
@@ -545,3 +547,25 @@ def test_progress_needs_num_steps(tmp_path):
     plain.as_optax(plain.init(jax.random.key(0)), num_steps=100)
     with pytest.raises(ValueError, match="progress_centres must be finite"):
         learned_opt.learned_optimizer("sgdm", params, progress_centres=(float("nan"),))
+
+
+def test_tangent_network_term_is_the_projection_orthogonal_to_the_weights():
+    # network_tangent: net term = f - (<f, W> / <W, W>) W per tensor, f the untangented output.
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes, 0.5)
+    grads = random_tree(1, shapes, 0.3)
+    nets = {}
+    for tangent in (False, True):
+        lopt = learned_opt.learned_optimizer("unf", params, spec, network_tangent=tangent)
+        meta = lopt.init(jax.random.key(2)) | {"beta": jnp.float32(1.0)}
+        updates, _ = jax.jit(lopt.update)(meta, lopt.init_state(meta, params), grads, params)
+        alpha = float(lopt.nominal(meta)["alpha"])
+        nets[tangent] = jax.tree.map(lambda u, g: -np.asarray(u) / alpha - np.asarray(g),
+                                     updates, grads)
+    for f, t, w in zip(jax.tree.leaves(nets[False]), jax.tree.leaves(nets[True]),
+                       jax.tree.leaves(params), strict=True):
+        w = np.asarray(w, np.float64)
+        want = f - np.vdot(f, w) / np.vdot(w, w) * w
+        np.testing.assert_allclose(t, want, rtol=1e-3, atol=1e-5)
+        assert abs(np.vdot(t, w)) < 1e-4 * np.linalg.norm(t) * np.linalg.norm(w)
+        assert abs(np.vdot(f, w)) > 1e-3 * np.linalg.norm(f) * np.linalg.norm(w)  # it did act
