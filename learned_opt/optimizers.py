@@ -117,7 +117,7 @@ class LearnedOptimizerConfig:
         tensor's weights, ``f - (<f, W> / <W, W>) W``, so that the network term cannot grow or
         shrink the weights (to first order). Without it, rules meta-trained on episodes of at
         most 2,000 steps learnt to inflate the weights (the network term pointed along +W,
-        cosine 0.93; the weight norm grew 60x in 10,000 steps): a quick gain on short runs that
+        cosine 0.91-0.95; the weight norm grew 60x in 10,000 steps): a quick gain on short runs that
         leaves long runs worse than plain SGDM (README, experiment 1).
       progress_centres: training-progress input (VeLO), off when empty. With centres c the
         optimizer needs the run's total number of steps (``as_optax(meta, num_steps=N)``) and
