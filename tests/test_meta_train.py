@@ -396,3 +396,28 @@ def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
     assert json.loads((task_dir / "unf" / "meta_train.json").read_text())["outer_steps"] == 8
     with gzip.open(task_dir / "unf" / "metrics.jsonl.gz", "rt") as f:
         assert len(f.read().splitlines()) == 8
+
+
+def test_diagnose_network_term_reports_the_weight_component(tmp_path, capsys):
+    # The diagnostic's cos(net, W) is ~0 exactly when the network term is kept tangent.
+    import importlib.util
+
+    import tasks
+
+    spec = importlib.util.spec_from_file_location(
+        "diagnose", ROOT / "scripts" / "diagnose_network_term.py")
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    params = tasks.get_task("mlp_fmnist_tiny").init(jax.random.PRNGKey(0))
+    cosines = {}
+    for tangent in (False, True):
+        lopt = learned_opt.learned_optimizer("unf", params, network_tangent=tangent,
+                                             progress_centres=(0.5,))
+        meta = lopt.init(jax.random.PRNGKey(1)) | {"beta": jnp.float32(1.0)}
+        path = learned_opt.save(tmp_path / f"opt_{tangent}", lopt, meta)
+        assert diagnose.main(["--optimizer", str(path), "--task", "mlp_fmnist_tiny",
+                              "--steps", "10"]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith("step     10")
+        cosines[tangent] = float(re.search(r"cos\(net, W\) ([-+]\d\.\d+)", line).group(1))
+    assert abs(cosines[True]) < 1e-3 < abs(cosines[False])
