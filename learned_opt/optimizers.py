@@ -407,19 +407,18 @@ class LearnedOptimizer:
             raise PermSpecError("grads and params have different tree structures")
         c = self.config
         nom = self.nominal(meta_params)
-        alpha, decay = nom["alpha"], nom["decay"]
+        decay = nom["decay"]
+        alpha = self.step_size(meta_params, state.step, num_steps)
         scale = 1.0 if c.momentum_form == "sum" else 1.0 - decay
         m = jax.tree.map(lambda m, g: decay * m + scale * g.astype(jnp.float32),
                          state.momentum, grads)
         direction, fm = m, ()
-        if c.progress_centres:
-            progress = feats.progress_embedding(state.step, num_steps, c.progress_centres)
-            alpha = alpha * jnp.exp(jnp.dot(meta_params["progress_gain"], progress))
         if self.network is not None:
             fm = feats.update_momenta(state.feature_momenta, grads, c.momentum_decays)
             x = feats.state_features(params, grads, fm, c.clip_features)
             emb = feats.step_embedding(state.step, c.step_timescales)
             if c.progress_centres:
+                progress = feats.progress_embedding(state.step, num_steps, c.progress_centres)
                 emb = jnp.concatenate([emb, progress])
             f = self.network.apply({"params": meta_params["net"]}, x, emb, self.net_spec)
             f = jax.tree.map(lambda f: f[..., 0], f)
@@ -432,6 +431,16 @@ class LearnedOptimizer:
                                direction, params)
         return updates, LearnedOptimizerState(step=state.step + 1, momentum=m,
                                               feature_momenta=fm)
+
+    def step_size(self, meta_params: dict[str, Any], step: jax.Array,
+                  num_steps: jax.Array | int | None = None) -> jax.Array:
+        """The nominal step size at ``step``: ``alpha``, times the learned schedule
+        ``exp(progress_gain . e(step / num_steps))`` with ``progress_centres``."""
+        alpha = jnp.exp(meta_params["log_alpha"])
+        if not self.config.progress_centres:
+            return alpha
+        e = feats.progress_embedding(step, num_steps, self.config.progress_centres)
+        return alpha * jnp.exp(jnp.dot(meta_params["progress_gain"], e))
 
     def _check_num_steps(self, num_steps) -> None:
         if self.config.progress_centres and num_steps is None:

@@ -34,10 +34,10 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    import optax
 
     import learned_opt
     import tasks
-    from learned_opt import features as feats
     from meta_train.evaluation import seed_key
 
     lopt, meta = learned_opt.load(args.optimizer)
@@ -48,24 +48,16 @@ def main(argv=None) -> int:
     k_init, k_data = jax.random.split(seed_key(args.seed))
     params = task.init(k_init)
     state = lopt.init_state(meta, params)
-    alpha = lopt.nominal(meta)["alpha"]
-
-    def norm(t):
-        return jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(t)))
+    norm = optax.tree.norm
 
     def cos(a, b):
-        dot = sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                  strict=True))
-        return dot / (norm(a) * norm(b))
+        return optax.tree.vdot(a, b) / (norm(a) * norm(b))
 
     @jax.jit
     def step(params, state, batch_key):
         loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(batch_key, "train"))
         updates, new = lopt.update(meta, state, grads, params, num_steps=args.steps)
-        alpha_t = alpha
-        if lopt.config.progress_centres:
-            e = feats.progress_embedding(state.step, args.steps, lopt.config.progress_centres)
-            alpha_t = alpha * jnp.exp(jnp.dot(meta["progress_gain"], e))
+        alpha_t = lopt.step_size(meta, state.step, args.steps)
         net = jax.tree.map(lambda u, m: -u / alpha_t - m, updates, new.momentum)
         stats = (norm(net) / norm(new.momentum), cos(net, new.momentum), cos(net, params),
                  norm(params), alpha_t)
