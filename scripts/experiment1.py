@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="meta-objective of every run (default: the task protocol's); use "
                    "another --out and --runs for another objective")
+    p.add_argument("--min-horizon", type=int, default=None, metavar="T0",
+                   help="episode lengths log-uniform in [T0, T] (default: the task protocol's "
+                   "100; T0 = T gives the paper's fixed horizon); use another --out and --runs")
     p.add_argument("--out", default="results/experiment1", help="results directory")
     p.add_argument("--runs", default="runs/experiment1",
                    help="meta-training run directories (checkpoints; not committed)")
@@ -86,6 +89,8 @@ def main(argv=None) -> int:
         protocol = PROTOCOLS[task]
         if args.objective:
             protocol = protocol._replace(objective=args.objective)
+        if args.min_horizon is not None:
+            protocol = protocol._replace(min_horizon=args.min_horizon)
         if args.horizon_factors:
             protocol = protocol._replace(horizon_factors=tuple(args.horizon_factors))
         methods = args.methods or list(protocol.methods)
