@@ -107,6 +107,7 @@ def save(path: str | os.PathLike, lopt: LearnedOptimizer, meta_params: Any) -> s
         name=lopt.name, config=dataclasses.asdict(lopt.config), weight_space=leaves,
         num_meta_params=int(sum(np.size(x) for _, x in got)),
         meta_params_file=META_FILE, meta_params_sha256=hashlib.sha256(blob).hexdigest())
+    header["header_sha256"] = _header_sha256(header)
     os.makedirs(path, exist_ok=True)
     # Write the data first and the header last, each through a temporary file, so that an
     # interrupted save never leaves a header that points at a half-written file.
@@ -132,6 +133,12 @@ def _compare_meta(expected, got, what: str) -> None:
         raise CheckpointError(f"{what}: unexpected meta-parameter {extra[0]}")
 
 
+def _header_sha256(header: dict) -> str:
+    """Checksum of every header field but itself (canonical JSON): covers the config too."""
+    rest = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def _read_header(path) -> dict:
     jpath = os.path.join(path, JSON_FILE)
     if not os.path.isdir(path):
@@ -152,6 +159,10 @@ def _read_header(path) -> dict:
                if k not in header]
     if missing:
         raise CheckpointError(f"corrupted checkpoint: {jpath} lacks the field(s) {missing}")
+    # Checkpoints written before the header checksum existed have none (still readable).
+    if "header_sha256" in header and header["header_sha256"] != _header_sha256(header):
+        raise CheckpointError(f"corrupted checkpoint: {jpath} was edited or damaged (its fields "
+                              "do not match the header_sha256 it records)")
     return header
 
 

@@ -99,11 +99,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[MetaTrainConfig, set[str]
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, check everything that can fail early, then train."""
     config, given = parse_args(argv)
-    from meta_train.train import meta_train  # slow imports (jax, tasks) after parsing
+    from meta_train.checkpoint import TrainingCheckpointError  # slow imports (jax, tasks)
+    from meta_train.train import meta_train  # after parsing
 
     try:
         result = meta_train(config, progress=True, given=given)
-    except (ConfigError, FileNotFoundError) as e:  # FileNotFoundError: task data missing
+    except (ConfigError, FileNotFoundError, TrainingCheckpointError) as e:
+        # FileNotFoundError: task data missing
         print(f"meta_train.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,6 +23,14 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a blank line or one cut short by a kill."""
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
 class MetricsLogger:
     """Append one JSON line per outer step; mirror it to wandb.
 
@@ -42,7 +50,7 @@ class MetricsLogger:
             self.path.write_text("")
         else:
             kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] < resume_step]
+                    if _step_of(ln) is not None and _step_of(ln) < resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self._file = self.path.open("a")
         self.run = None
@@ -77,4 +85,4 @@ class MetricsLogger:
 def read_metrics(run_dir) -> list[dict]:
     """All rows of ``DIR/metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in path.read_text().splitlines() if _step_of(ln) is not None]

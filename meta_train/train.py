@@ -21,8 +21,14 @@ code shards the population across hosts (see docs/meta_train.md; multi-host is u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
+import os
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -247,6 +253,13 @@ def _resolve_resume(config: MetaTrainConfig, given: set[str] | None) -> MetaTrai
     checkpoint_every, wandb, ...) may change.
     """
     stored = MetaTrainConfig.from_json((Path(config.out) / "config.json").read_text())
+    in_checkpoint = MetaTrainConfig.from_json(json.dumps(checkpoint.latest(config.out)["config"]))
+    for name in MetaTrainConfig.RUN_FIELDS:  # a config.json edited or copied from another run
+        if getattr(in_checkpoint, name) != getattr(stored, name):
+            raise ConfigError(
+                f"--resume: {name}={getattr(stored, name)!r} in {Path(config.out) / 'config.json'}"
+                f" differs from the checkpoint's {getattr(in_checkpoint, name)!r} "
+                f"({Path(config.out) / 'checkpoints' / 'latest.json'})")
     given = set(given or ())
     for name in MetaTrainConfig.RUN_FIELDS:
         if name in given and getattr(config, name) != getattr(stored, name):
@@ -272,9 +285,58 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
         from a config with the same trajectory-defining options.
 
     Writes ``DIR/config.json``, ``DIR/metrics.jsonl``, ``DIR/checkpoints/``, ``DIR/wandb/`` and
-    the final ``DIR/optimizer`` (``learned_opt.save`` format). On Ctrl-C, saves a checkpoint of
-    the last completed step and re-raises ``KeyboardInterrupt``.
+    the final ``DIR/optimizer`` (``learned_opt.save`` format). On Ctrl-C or SIGTERM, saves a
+    checkpoint of the last completed step and raises ``KeyboardInterrupt``. The run directory is
+    locked while it runs: a second run on it raises ``ConfigError`` naming the holder.
     """
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(run_dir), _sigterm_as_interrupt():
+        return _meta_train(config, progress, given, setup)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir`` (released by the OS if the process dies)."""
+    import fcntl
+
+    path = run_dir / "lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"{run_dir} is in use by another meta-training run ({holder}); wait "
+                          "for it to end or choose another --out") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what schedulers send) stops the run like Ctrl-C: checkpoint, then exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _meta_train(config, progress, given, setup) -> MetaTrainResult:
     run_dir = Path(config.out)
     resume_step = _resume_step(config)
     if resume_step is not None:
@@ -285,7 +347,6 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
     else:
         _check_same_run(setup.config, config)
     config = config.replace(loss_cap=setup.config.loss_cap)
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.to_json())
 
     state = init_state(setup)
@@ -296,7 +357,9 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
     step_fn = setup.step_fn
     per_step = setup.estimator.inner_steps_per_outer_step()
 
-    logger = MetricsLogger(run_dir, dataclasses.asdict(config), config.wandb, resume_step,
+    # ``start``, not ``resume_step``: restore may have fallen back to an older checkpoint.
+    logger = MetricsLogger(run_dir, dataclasses.asdict(config), config.wandb,
+                           start if resume_step is not None else None,
                            config.wandb_project)
     history: list[dict] = []
     bar = None

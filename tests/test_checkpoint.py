@@ -13,6 +13,7 @@ import pytest
 from test_optimizers import mlp_space, random_tree, rnn_space
 
 import learned_opt
+from learned_opt import checkpoint
 from learned_opt.checkpoint import JSON_FILE, META_FILE, CheckpointError
 from learned_opt.spec import PermSpecError
 
@@ -118,6 +119,21 @@ def test_corrupted_header(tmp_path):
         learned_opt.load(path)
 
 
+def test_edited_header_config_is_refused(tmp_path):
+    # The config (e.g. momentum_form) changes what the meta-parameters mean: it is checksummed.
+    path, *_ = _saved(tmp_path, "sgdm")
+    jpath = os.path.join(path, JSON_FILE)
+    header = json.load(open(jpath))
+    header["config"]["momentum_form"] = "average"
+    json.dump(header, open(jpath, "w"))
+    with pytest.raises(CheckpointError, match="edited or damaged"):
+        learned_opt.load(path)
+    del header["header_sha256"]  # a header written before the checksum existed still loads
+    header["config"]["momentum_form"] = "sum"
+    json.dump(header, open(jpath, "w"))
+    assert learned_opt.load(path)[0].config.momentum_form == "sum"
+
+
 def test_meta_params_that_do_not_fit(tmp_path):
     path, lopt, meta, _, _ = _saved(tmp_path)
     # A consistent checkpoint (checksum updated) whose network has the wrong shapes.
@@ -130,6 +146,7 @@ def test_meta_params_that_do_not_fit(tmp_path):
     jpath = os.path.join(path, JSON_FILE)
     header = json.load(open(jpath))
     header["meta_params_sha256"] = hashlib.sha256(blob).hexdigest()
+    header["header_sha256"] = checkpoint._header_sha256(header)
     json.dump(header, open(jpath, "w"))
     with pytest.raises(CheckpointError, match=f"net/{first}.* has shape"):
         learned_opt.load(path)

@@ -421,3 +421,74 @@ def test_diagnose_network_term_reports_the_weight_component(tmp_path, capsys):
         assert line.startswith("step     10")
         cosines[tangent] = float(re.search(r"cos\(net, W\) ([-+]\d\.\d+)", line).group(1))
     assert abs(cosines[True]) < 1e-3 < abs(cosines[False])
+
+
+# ---------------------------------------------------------------- run directory robustness
+
+
+def test_damaged_checkpoint_falls_back_to_the_older_one(pes_setup, tmp_path):
+    cfg = pes_setup.config.replace(outer_steps=6, checkpoint_every=2)
+    full = meta_train(cfg.replace(out=str(tmp_path / "full")), progress=False, setup=pes_setup)
+    part = cfg.replace(out=str(tmp_path / "part"), outer_steps=4)
+    meta_train(part, progress=False, setup=pes_setup)  # checkpoints at steps 2 and 4
+    meta = mt.checkpoint.latest(tmp_path / "part")
+    assert [k["step"] for k in meta["kept"]] == [4, 2]
+    newest = tmp_path / "part" / "checkpoints" / meta["file"]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    newest.write_bytes(bytes(data))
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "meta_lo')  # a line cut short by a kill
+    with pytest.warns(UserWarning, match="SHA-256.*older checkpoint|older checkpoint.*SHA-256"):
+        resumed = meta_train(part.replace(resume=True, outer_steps=6), progress=False,
+                             setup=pes_setup)
+    np.testing.assert_array_equal(_flat(resumed.meta_params), _flat(full.meta_params))
+    assert [row["step"] for row in read_metrics(tmp_path / "part")] == list(range(6))
+
+
+def test_restore_names_the_leaf_and_refuses_when_nothing_is_usable(tmp_path):
+    mt.checkpoint.save(tmp_path, 1, {"a": np.zeros(3, np.float32)}, "{}", 0)
+    with pytest.raises(mt.checkpoint.TrainingCheckpointError, match=r"\['a'\].*shape \(3,\)"):
+        mt.checkpoint.restore(tmp_path, {"a": np.zeros(4, np.float32)})
+    with pytest.raises(mt.checkpoint.TrainingCheckpointError, match="int32"):
+        mt.checkpoint.restore(tmp_path, {"a": np.zeros(3, np.int32)})
+    (tmp_path / "checkpoints" / "step_00000001.msgpack").write_bytes(b"\x85")  # truncated
+    with pytest.raises(mt.checkpoint.TrainingCheckpointError, match="step_00000001.*SHA-256"):
+        mt.checkpoint.restore(tmp_path, {"a": np.zeros(3, np.float32)})
+
+
+def test_resume_refuses_a_config_json_of_another_run(pes_setup, tmp_path):
+    cfg = pes_setup.config.replace(outer_steps=2, out=str(tmp_path / "r"))
+    meta_train(cfg, progress=False, setup=pes_setup)
+    path = tmp_path / "r" / "config.json"
+    path.write_text(path.read_text().replace('"std": 0.05', '"std": 0.07'))
+    with pytest.raises(ConfigError, match="std=0.07.*differs from the checkpoint's 0.05"):
+        meta_train(cfg.replace(resume=True, outer_steps=3), progress=False)
+
+
+def test_a_run_directory_in_use_is_refused(pes_setup, tmp_path):
+    with mt._exclusive(tmp_path):
+        with pytest.raises(ConfigError, match=f"{tmp_path} is in use.*pid {os.getpid()}"):
+            meta_train(pes_setup.config.replace(out=str(tmp_path)), progress=False,
+                       setup=pes_setup)
+    with mt._exclusive(tmp_path):  # released: usable again
+        pass
+
+
+def test_sigterm_checkpoints_like_ctrl_c(pes_setup, tmp_path, monkeypatch):
+    import signal
+
+    real_log = MetricsLogger.log
+
+    def terminating_log(self, step, metrics):
+        real_log(self, step, metrics)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLogger, "log", terminating_log)
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = pes_setup.config.replace(outer_steps=6, checkpoint_every=100, out=str(tmp_path / "r"))
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(cfg, progress=False, setup=pes_setup)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert 3 <= mt.checkpoint.latest(tmp_path / "r")["step"] < 6
