@@ -408,6 +408,8 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
             state, done = new_state, t + 1
             pending = (t, metrics)
             if done % config.checkpoint_every == 0 and done < config.outer_steps:
+                flush(pending)  # the metrics row of every step a checkpoint holds: first
+                pending = None
                 save(done, state)
         if pending is not None:
             flush(pending)

@@ -492,3 +492,17 @@ def test_sigterm_checkpoints_like_ctrl_c(pes_setup, tmp_path, monkeypatch):
         meta_train(cfg, progress=False, setup=pes_setup)
     assert signal.getsignal(signal.SIGTERM) is before
     assert 3 <= mt.checkpoint.latest(tmp_path / "r")["step"] < 6
+
+
+def test_every_checkpoint_lands_after_the_metrics_of_its_steps(pes_setup, tmp_path, monkeypatch):
+    # Else a kill between the two loses a metrics row for good (the resume starts after it).
+    real_save, seen = mt.checkpoint.save, []
+
+    def save(run_dir, step, *args):
+        seen.append((step, len(read_metrics(run_dir))))
+        return real_save(run_dir, step, *args)
+
+    monkeypatch.setattr(mt.checkpoint, "save", save)
+    cfg = pes_setup.config.replace(outer_steps=5, checkpoint_every=2, out=str(tmp_path / "r"))
+    meta_train(cfg, progress=False, setup=pes_setup)
+    assert seen == [(2, 2), (4, 4), (5, 5)]
