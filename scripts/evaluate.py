@@ -32,6 +32,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="task config override (default: the run's task_args)")
     p.add_argument("--steps", type=int, help="inner steps T (default: the run's horizon)")
+    p.add_argument("--num-steps", type=int, metavar="N",
+                   help="run length told to optimizers that use training progress (default: "
+                   "--steps); a smaller N holds their progress at 1 after N steps, as when a run "
+                   "is continued past the length it was planned for")
     p.add_argument("--seeds", type=int, default=5, help="number of reported seeds (100, 101, ...)")
     p.add_argument("--tune-seeds", type=int, default=3,
                    help="number of seeds that tune the baselines' learning rates (200, 201, ...)")
@@ -96,7 +100,9 @@ def main(argv=None) -> int:
     if steps is None:
         raise SystemExit("evaluate.py: error: give --steps (or --run)")
     task = tasks.get_task(task_name, **task_args)
-    learned = learned_candidates(args, run_config, steps)
+    if args.num_steps is not None and args.num_steps < 1:
+        raise SystemExit(f"evaluate.py: error: --num-steps must be >= 1, got {args.num_steps}")
+    learned = learned_candidates(args, run_config, args.num_steps or steps)
     baselines = [b for b in args.baselines.split(",") if b]
     seeds = [EVAL_SEEDS[0] + i for i in range(args.seeds)]
     tune = [200 + i for i in range(args.tune_seeds)]
