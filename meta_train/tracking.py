@@ -50,7 +50,7 @@ class MetricsLogger:
             self.path.write_text("")
         else:
             kept = [ln for ln in self.path.read_text().splitlines()
-                    if _step_of(ln) is not None and _step_of(ln) < resume_step]
+                    if (step := _step_of(ln)) is not None and step < resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self._file = self.path.open("a")
         self.run = None

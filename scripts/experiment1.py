@@ -44,8 +44,8 @@ def parse_args(argv=None):
                    help="meta-objective of every run (default: the task protocol's); use "
                    "another --out and --runs for another objective")
     p.add_argument("--min-horizon", type=int, default=None, metavar="T0",
-                   help="episode lengths log-uniform in [T0, T] (default: the task protocol's "
-                   "100; T0 = T gives the paper's fixed horizon); use another --out and --runs")
+                   help="episode lengths log-uniform in [T0, T] (default: the task protocol's; "
+                   "T0 = T gives the paper's fixed horizon); use another --out and --runs")
     p.add_argument("--out", default="results/experiment1", help="results directory")
     p.add_argument("--runs", default="runs/experiment1",
                    help="meta-training run directories (checkpoints; not committed)")
