@@ -9,6 +9,9 @@ For every parameter tensor the update network sees ``leaf_shape + (19,)`` channe
   invariant under any permutation of their axes: the features stay equivariant.
 * 11 step channels: ``tanh(t / s - 1)`` for timescales s = 1, 3, 10, ..., 100000 (public code;
   the paper says "sinusoidal"), the same value for every parameter.
+* optionally (``adam_features``), one channel per momentum: ``m_d / (sqrt(v) + eps)`` with ``v``
+  the averaging-form mean of g^2 (decay 0.999), i.e. Adam's direction at each momentum's
+  timescale, RMS-normalised per tensor but not clipped (it is scale-free already);
 * optionally, training-progress channels (VeLO): ``tanh(10 (p - c))`` of the fraction
   ``p = t / num_steps`` of the run done, for centres c, when the user gives ``num_steps``.
 
@@ -30,13 +33,22 @@ PyTree = object
 MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
 STEP_TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 # VeLO's fractional embedding (learned_optimization, hyper_v2 ``_fractional_tanh_embed``).
+SECOND_MOMENT_DECAY = 0.999  # Adam's beta2, for the adam_features channels
+_ADAM_EPS = 1e-8  # Adam's epsilon: keeps never-updated parameters (v = 0) at 0
 PROGRESS_CENTRES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
 _EPS = 1e-12  # keeps the normaliser finite for all-zero channels (e.g. zero biases at init)
 
 
-def num_features(num_decays: int, num_timescales: int, num_progress: int = 0) -> int:
-    """Input channels: weight, gradient, one per momentum, timescale and progress centre."""
-    return 2 + num_decays + num_timescales + num_progress
+def num_features(num_decays: int, num_timescales: int, num_progress: int = 0,
+                 adam: bool = False) -> int:
+    """Input channels: weight, gradient, one per momentum (two with ``adam``), timescale and
+    progress centre."""
+    return num_state_channels(num_decays, adam) + num_timescales + num_progress
+
+
+def num_state_channels(num_decays: int, adam: bool = False) -> int:
+    """Per-parameter channels: weight, gradient, the momenta and (``adam``) their Adam ratios."""
+    return 2 + num_decays * (2 if adam else 1)
 
 
 def init_momenta(params: PyTree, num_decays: int) -> PyTree:
@@ -53,6 +65,35 @@ def update_momenta(momenta: PyTree, grads: PyTree, decays: Sequence[float]) -> P
     d = jnp.asarray(decays, jnp.float32)
     return jax.tree.map(lambda v, g: d * v + (1.0 - d) * g.astype(jnp.float32)[..., None],
                         momenta, grads)
+
+
+def update_second_moment(second_moment: PyTree, grads: PyTree,
+                         decay: float = SECOND_MOMENT_DECAY) -> PyTree:
+    """Averaging-form mean of the squared gradient, ``v <- d * v + (1 - d) * g^2``.
+
+    No bias correction: the channels built from it are RMS-normalised per tensor, which
+    cancels any factor common to a tensor.
+    """
+    return jax.tree.map(lambda v, g: decay * v + (1.0 - decay) * jnp.square(g.astype(jnp.float32)),
+                        second_moment, grads)
+
+
+def adam_features(momenta: PyTree, second_moment: PyTree) -> PyTree:
+    """``m_d / (sqrt(v) + eps)`` for every momentum, RMS-normalised per tensor (not clipped).
+
+    Args:
+      momenta: leaves ``leaf_shape + (num_decays,)`` (:func:`update_momenta`).
+      second_moment: leaves ``leaf_shape`` (:func:`update_second_moment`).
+
+    Example:
+      >>> m = {"w": jnp.array([[2.0], [-1.0]])}
+      >>> v = {"w": jnp.array([4.0, 1.0])}
+      >>> adam_features(m, v)["w"][:, 0].round(3).tolist()   # ratios (1, -1), RMS 1
+      [1.0, -1.0]
+    """
+    return jax.tree.map(
+        lambda m, v: _normalise(m / (jnp.sqrt(v)[..., None] + _ADAM_EPS), clip=False),
+        momenta, second_moment)
 
 
 def step_embedding(step: jax.Array, timescales: Sequence[float]) -> jax.Array:

@@ -119,6 +119,12 @@ class LearnedOptimizerConfig:
         most 2,000 steps learnt to inflate the weights (the network term pointed along +W,
         cosine 0.91-0.95; the weight norm grew 60x in 10,000 steps): a quick gain on short runs that
         leaves long runs worse than plain SGDM (README, experiment 1).
+      adam_features: give f, for each feature momentum ``m_d``, the channel
+        ``m_d / sqrt(v)`` with ``v`` the mean squared gradient (decay 0.999): Adam's direction
+        at that momentum's timescale (VeLO and Celo feed such ratios). The paper's features are
+        all normalised per tensor, so without these f cannot see how large one parameter's
+        gradients are relative to its own history, which is what Adam's preconditioning uses.
+        ``v`` is kept as one more trailing channel of ``feature_momenta``.
       progress_centres: training-progress input (VeLO), off when empty. With centres c the
         optimizer needs the run's total number of steps (``as_optax(meta, num_steps=N)``) and
         uses ``e = tanh(10 (t / N - c))`` twice: as extra input channels of f, and as a learned
@@ -141,6 +147,7 @@ class LearnedOptimizerConfig:
     fixed_axes: str = "relax"
     network_scale: str = "none"
     network_tangent: bool = False
+    adam_features: bool = False
     progress_centres: tuple[float, ...] = ()
 
     def __post_init__(self):
@@ -176,7 +183,7 @@ class LearnedOptimizerConfig:
     @property
     def num_features(self) -> int:
         return feats.num_features(len(self.momentum_decays), len(self.step_timescales),
-                                  len(self.progress_centres))
+                                  len(self.progress_centres), self.adam_features)
 
 
 class LearnedOptimizerState(NamedTuple):
@@ -184,7 +191,9 @@ class LearnedOptimizerState(NamedTuple):
 
     step: jax.Array  # int32 scalar: number of updates applied so far
     momentum: PyTree  # nominal momentum, like params (float32)
-    feature_momenta: PyTree  # like params with a trailing axis of len(momentum_decays); () for sgdm
+    # like params with a trailing axis of len(momentum_decays) (+1 for v with adam_features);
+    # () for sgdm
+    feature_momenta: PyTree
 
 
 def relax_fixed_axes(spec: PyTree) -> PyTree:
@@ -367,7 +376,8 @@ class LearnedOptimizer:
             c = self.config
             x = jax.tree.unflatten(
                 jax.tree.structure(self.net_spec, is_leaf=is_spec_leaf),
-                [jnp.zeros(shape + (2 + len(c.momentum_decays),), jnp.float32)
+                [jnp.zeros(shape + (feats.num_state_channels(len(c.momentum_decays),
+                                                             c.adam_features),), jnp.float32)
                  for _, shape, _ in self.signature])
             emb = jnp.zeros((len(c.step_timescales) + len(c.progress_centres),), jnp.float32)
             return self.network.init(key, x, emb, self.net_spec)["params"]
@@ -389,7 +399,7 @@ class LearnedOptimizer:
         self.check_params(params)
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
         fm = () if self.network is None else feats.init_momenta(
-            params, len(self.config.momentum_decays))
+            params, len(self.config.momentum_decays) + self.config.adam_features)
         return LearnedOptimizerState(step=jnp.zeros((), jnp.int32), momentum=zeros,
                                      feature_momenta=fm)
 
@@ -414,8 +424,7 @@ class LearnedOptimizer:
                          state.momentum, grads)
         direction, fm = m, ()
         if self.network is not None:
-            fm = feats.update_momenta(state.feature_momenta, grads, c.momentum_decays)
-            x = feats.state_features(params, grads, fm, c.clip_features)
+            fm, x = self._state_features(state.feature_momenta, grads, params)
             emb = feats.step_embedding(state.step, c.step_timescales)
             if c.progress_centres:
                 progress = feats.progress_embedding(state.step, num_steps, c.progress_centres)
@@ -431,6 +440,23 @@ class LearnedOptimizer:
                                direction, params)
         return updates, LearnedOptimizerState(step=state.step + 1, momentum=m,
                                               feature_momenta=fm)
+
+    def _state_features(self, feature_momenta: PyTree, grads: PyTree, params: PyTree
+                        ) -> tuple[PyTree, PyTree]:
+        """Updated ``feature_momenta`` and f's per-parameter input channels."""
+        c = self.config
+        if not c.adam_features:
+            fm = feats.update_momenta(feature_momenta, grads, c.momentum_decays)
+            return fm, feats.state_features(params, grads, fm, c.clip_features)
+        momenta = feats.update_momenta(jax.tree.map(lambda x: x[..., :-1], feature_momenta),
+                                       grads, c.momentum_decays)
+        v = feats.update_second_moment(jax.tree.map(lambda x: x[..., -1], feature_momenta),
+                                       grads)
+        x = jax.tree.map(lambda a, b: jnp.concatenate([a, b], -1),
+                         feats.state_features(params, grads, momenta, c.clip_features),
+                         feats.adam_features(momenta, v))
+        fm = jax.tree.map(lambda a, b: jnp.concatenate([a, b[..., None]], -1), momenta, v)
+        return fm, x
 
     def step_size(self, meta_params: dict[str, Any], step: jax.Array,
                   num_steps: jax.Array | int | None = None) -> jax.Array:

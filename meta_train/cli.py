@@ -20,7 +20,8 @@ from meta_train.config import CHOICES, ConfigError, MetaTrainConfig
 _SINGULAR = {"task_args": "task-arg", "optimizer_args": "optimizer-arg"}
 
 
-def _key_value(text: str) -> tuple[str, object]:
+def key_value(text: str) -> tuple[str, object]:
+    """argparse type of ``KEY=VALUE`` flags: VALUE parsed as JSON, else kept as a string."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
@@ -41,7 +42,7 @@ def make_parser() -> argparse.ArgumentParser:
         help_text = f.metadata["help"]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if f.name in _SINGULAR:
-            parser.add_argument(f"--{_SINGULAR[f.name]}", dest=f.name, type=_key_value,
+            parser.add_argument(f"--{_SINGULAR[f.name]}", dest=f.name, type=key_value,
                                 action="append", default=None, metavar="KEY=VALUE",
                                 help=f"{help_text} (repeatable)")
         elif f.name == "resume":

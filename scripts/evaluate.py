@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     apply_data_dir(args.data_dir)
     import tasks
-    from meta_train.cli import _key_value
+    from meta_train.cli import key_value
     from meta_train.evaluation import EVAL_SEEDS, compare
     from meta_train.train import load_run_config
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     if task_name is None:
         raise SystemExit("evaluate.py: error: give --task (or --run)")
     task_args = dict(run_config.task_args) if run_config and not args.task else {}
-    task_args |= dict(_key_value(kv) for kv in args.task_arg)
+    task_args |= dict(key_value(kv) for kv in args.task_arg)
     steps = args.steps or (run_config.horizon if run_config else None)
     if steps is None:
         raise SystemExit("evaluate.py: error: give --steps (or --run)")

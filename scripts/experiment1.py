@@ -21,7 +21,7 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
 
-from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
+from meta_train.cli import add_data_dir_flag, apply_data_dir, key_value  # noqa: E402
 from meta_train.estimators import OBJECTIVES  # noqa: E402
 from meta_train.experiment import PAPER_OUTER_STEPS, PROTOCOLS  # noqa: E402
 from meta_train.tracking import WANDB_MODES  # noqa: E402
@@ -46,6 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--min-horizon", type=int, default=None, metavar="T0",
                    help="episode lengths log-uniform in [T0, T] (default: the task protocol's; "
                    "T0 = T gives the paper's fixed horizon); use another --out and --runs")
+    p.add_argument("--optimizer-arg", dest="optimizer_args", type=key_value, action="append",
+                   default=[], metavar="KEY=VALUE",
+                   help="override one option of the task protocol's rule for every method "
+                   "(learned_opt.LearnedOptimizerConfig; VALUE parsed as JSON; repeatable); use "
+                   "another --out and --runs")
     p.add_argument("--out", default="results/experiment1", help="results directory")
     p.add_argument("--runs", default="runs/experiment1",
                    help="meta-training run directories (checkpoints; not committed)")
@@ -91,6 +96,9 @@ def main(argv=None) -> int:
             protocol = protocol._replace(objective=args.objective)
         if args.min_horizon is not None:
             protocol = protocol._replace(min_horizon=args.min_horizon)
+        if args.optimizer_args:
+            protocol = protocol._replace(
+                optimizer_args=protocol.optimizer_args + tuple(args.optimizer_args))
         if args.horizon_factors:
             protocol = protocol._replace(horizon_factors=tuple(args.horizon_factors))
         methods = args.methods or list(protocol.methods)

@@ -127,11 +127,13 @@ RULE_OPTIONS = {
     # whole-tensor inner products (both invariant): same.
     "progress": {"network_scale": "momentum_rms", "network_tangent": True,
                  "progress_centres": (0.1, 0.5, 0.9)},
+    # m_d / sqrt(v) is elementwise, then normalised over whole tensors: same.
+    "adam": {"network_scale": "momentum_rms", "adam_features": True, "clip_features": False},
 }
 EQUIVARIANCE_CASES = [(m, s, "paper") for m in ("unf", "unf_deep", "deepset", "nfn")
                       for s in SPACES if not (m == "nfn" and s in ("rnn", "transformer"))]
 EQUIVARIANCE_CASES += [("unf", "mlp", "momentum_rms"), ("deepset", "rnn", "momentum_rms"),
-                       ("unf", "cnn", "progress")]
+                       ("unf", "cnn", "progress"), ("unf", "mlp", "adam")]
 
 
 def numpy_permutations(seed, sizes):
@@ -569,3 +571,35 @@ def test_tangent_network_term_is_the_projection_orthogonal_to_the_weights():
         np.testing.assert_allclose(t, want, rtol=1e-3, atol=1e-5)
         assert abs(np.vdot(t, w)) < 1e-4 * np.linalg.norm(t) * np.linalg.norm(w)
         assert abs(np.vdot(f, w)) > 1e-3 * np.linalg.norm(f) * np.linalg.norm(w)  # it did act
+
+
+def test_adam_features_against_brute_force():
+    # adam_features: v <- 0.999 v + 0.001 g^2 kept as the last channel of feature_momenta;
+    # f's inputs gain m_d / (sqrt(v) + 1e-8) per decay, each with unit RMS over the tensor.
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes, 0.5)
+    decays = (0.5, 0.9)
+    lopt = learned_opt.learned_optimizer("unf", params, spec, adam_features=True,
+                                         clip_features=False, momentum_decays=decays)
+    assert lopt.config.num_features == 2 + 2 * len(decays) + len(lopt.config.step_timescales)
+    meta = lopt.init(jax.random.key(1))
+    state = lopt.init_state(meta, params)
+    grad_seq = [random_tree(10 + i, shapes, 0.1 * (i + 1)) for i in range(3)]
+    for grads in grad_seq[:-1]:
+        _, state = lopt.update(meta, state, grads, params)
+    fm, x = lopt._state_features(state.feature_momenta, grad_seq[-1], params)
+    leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]  # noqa: E731
+    for w, fm_leaf, x_leaf, *gs in zip(leaves(params), leaves(fm), leaves(x),
+                                       *map(leaves, grad_seq), strict=True):
+        v = np.zeros_like(gs[0])
+        m = np.zeros(gs[0].shape + (len(decays),))
+        for g in gs:
+            v = 0.999 * v + 0.001 * g ** 2
+            m = np.asarray(decays) * m + (1 - np.asarray(decays)) * g[..., None]
+        np.testing.assert_allclose(fm_leaf[..., -1], v, rtol=1e-5)
+        np.testing.assert_allclose(fm_leaf[..., :-1], m, rtol=1e-5, atol=1e-9)
+        ratio = m / (np.sqrt(v)[..., None] + 1e-8)
+        rms = np.sqrt(np.mean(ratio ** 2, axis=tuple(range(ratio.ndim - 1))))
+        np.testing.assert_allclose(x_leaf[..., 2 + len(decays):], ratio / rms, rtol=1e-4)
+        # The weight channel: not clipped (clip_features=False), unit RMS.
+        np.testing.assert_allclose(x_leaf[..., 0], w / np.sqrt(np.mean(w ** 2)), rtol=1e-4)
