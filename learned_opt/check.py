@@ -121,6 +121,7 @@ def check_perm_spec(
       The size of every label (``{label: size}``).
 
     Raises:
+      ValueError: the outputs are not finite (nothing can be checked on them).
       PermSpecError: the spec does not fit the parameters (naming the leaf), or permuting
         changes the outputs; the message names the label(s) whose permutation alone changes
         them and the leaves (and axes) that carry each.
@@ -135,6 +136,13 @@ def check_perm_spec(
     labels = [lab for lab in sorted(sizes, key=repr) if sizes[lab] > 1]
     identity = {lab: jnp.arange(sizes[lab]) for lab in labels}
     reference = permuted_apply(params, identity)
+    for path, out in jax.tree_util.tree_flatten_with_path(reference)[0]:
+        if not np.all(np.isfinite(np.asarray(out))):
+            # NaN == NaN under equal_nan: any spec would pass, so there is nothing to check.
+            raise ValueError(
+                f"apply_fn's output{jax.tree_util.keystr(path)} is not finite (NaN or inf) at "
+                f"the{' perturbed' if noise_scale else ''} parameters: the spec cannot be "
+                "checked; use finite inputs and parameters (or a smaller noise_scale)")
     for trial in range(num_trials):
         trial_key = jax.random.fold_in(perm_key, trial)
         perms = random_permutations(trial_key, {lab: sizes[lab] for lab in labels})

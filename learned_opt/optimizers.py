@@ -311,7 +311,8 @@ class LearnedOptimizer:
 
         Structure means leaf paths, ranks and consistent label sizes; permuted label sizes may
         differ from the ones seen at build. Fixed axes whose size enters the network's
-        parameters (``fixed_axes="channels"``, ``nfn``) must keep their size.
+        parameters (``fixed_axes="channels"``, ``nfn``) must keep their size. Leaves must be
+        floating point and non-empty (``ValueError`` otherwise).
         """
         flat, _ = jax.tree_util.tree_flatten_with_path(
             params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
@@ -337,6 +338,7 @@ class LearnedOptimizer:
         if len(got) > len(self.signature):
             raise PermSpecError(f"{what} structure differs from the optimizer's: unexpected "
                                 f"extra leaf {got[len(self.signature)][0]}")
+        _check_arrays(params, what)
         label_sizes(params, self.net_spec)  # one size per label, with the leaf named otherwise
         if self.network is None:
             return
@@ -520,6 +522,23 @@ def _tangent(f: jax.Array, w: jax.Array) -> jax.Array:
     return f - jnp.vdot(f, w) / jnp.maximum(jnp.vdot(w, w), 1e-30) * w
 
 
+def _check_arrays(params: PyTree, what: str = "params") -> None:
+    """Raise ``ValueError`` naming the leaf for a tree the update rule cannot work on."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not flat:
+        raise ValueError(f"{what} has no array leaves: there is nothing to optimise")
+    for path, x in flat:
+        dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+        if not np.issubdtype(dtype, np.floating):
+            raise ValueError(
+                f"{what} leaf {path_str(path)} has dtype {dtype}: learned optimizers update "
+                "floating-point parameters only (an integer leaf would get zero updates); keep "
+                "it out of the tree given to the optimizer")
+        if 0 in np.shape(x):
+            raise ValueError(f"{what} leaf {path_str(path)} has shape {np.shape(x)} (an axis of "
+                             "size 0): per-tensor statistics of an empty tensor are undefined")
+
+
 def _all_none_spec(params: PyTree) -> PyTree:
     return jax.tree.map(lambda p: (None,) * len(np.shape(p)), params)
 
@@ -561,6 +580,7 @@ def learned_optimizer(name: str, params: PyTree, perm_spec: PyTree = None,
                 raise PermSpecError(
                     f"learned optimizer {name!r} needs a permutation spec and none could be "
                     f"inferred ({type(e).__name__}: {e}); pass perm_spec=...") from e
+    _check_arrays(params)
     paths, arrays, labels = flatten_with_spec(params, perm_spec)
     label_sizes(params, perm_spec)
     signature = tuple((p, tuple(np.shape(x)), lab)

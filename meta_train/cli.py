@@ -31,7 +31,16 @@ def key_value(text: str) -> tuple[str, object]:
         return key, value  # a plain string
 
 
+def _valid_names() -> dict[str, list[str]]:
+    """The registered names of the name options, for ``--help`` (their one source)."""
+    from learned_opt import list_optimizers
+    from tasks import list_tasks
+
+    return {"task": list_tasks(), "optimizer": list_optimizers()}
+
+
 def make_parser() -> argparse.ArgumentParser:
+    names = _valid_names()
     parser = argparse.ArgumentParser(
         prog="meta_train.py",
         description="Meta-train a learned optimizer on one task with PES or ES (evosax). "
@@ -40,6 +49,8 @@ def make_parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(MetaTrainConfig):
         help_text = f.metadata["help"]
+        if f.name in names:
+            help_text += f"; one of: {', '.join(names[f.name])}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if f.name in _SINGULAR:
             parser.add_argument(f"--{_SINGULAR[f.name]}", dest=f.name, type=key_value,
@@ -69,8 +80,16 @@ def add_data_dir_flag(parser: argparse.ArgumentParser) -> None:
     tfds datasets), so it is not saved in ``config.json``; ``task.config.data_source`` says it.
     """
     parser.add_argument("--data-dir", dest="data_dir", default=None, metavar="DIR",
+                        type=_existing_dir,
                         help="offline data directory, laid out like ../shared/data "
                         "(default: $LOPT_DATA_DIR, else tensorflow-datasets)")
+
+
+def _existing_dir(text: str) -> str:
+    # An argparse type: a missing directory is a usage error (exit 2, like every bad flag).
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such directory")
+    return text
 
 
 def apply_data_dir(data_dir: str | None) -> None:

@@ -56,6 +56,18 @@ def test_swapped_hidden_labels_fail_and_name_the_label():
         check_perm_spec(task.apply, params, task.paper_perm_spec, inputs)
 
 
+def test_non_finite_outputs_are_refused_not_passed():
+    # NaN outputs compare equal under equal_nan, so any spec would pass: refuse to check.
+    task, params, inputs = setup("mlp_fmnist_tiny", hidden_sizes=(8, 8))
+    bad = relabel(
+        task.perm_spec,
+        lambda path, labs: ("Dense_1", "Dense_0") if path == "Dense_1/kernel" else labs,
+    )
+    nan_apply = lambda p, x: task.apply(p, x) * jnp.nan  # noqa: E731
+    with pytest.raises(ValueError, match="not finite"):
+        check_perm_spec(nan_apply, params, bad, inputs)
+
+
 def test_transformer_wrong_specs_fail():
     task, params, inputs = setup("transformer_lm_tiny")
     # Value dims labelled like query/key dims (same size, so only the numbers can tell).

@@ -245,8 +245,18 @@ def test_data_dir_flag_points_the_loaders_at_a_directory(tmp_path, monkeypatch):
     config, given = parse_args(["--data-dir", str(tmp_path), "--task", "mlp_fmnist_tiny"])
     assert os.environ["LOPT_DATA_DIR"] == str(tmp_path.resolve())
     assert "data_dir" not in given and config.task == "mlp_fmnist_tiny"
-    with pytest.raises(SystemExit, match="no such directory"):
+
+def test_help_lists_names_and_a_missing_data_dir_exits_2(tmp_path, capsys):
+    import learned_opt
+    import tasks
+    from meta_train.cli import make_parser, parse_args
+
+    text = make_parser().format_help().replace("\n", " ")
+    assert all(name in text for name in tasks.list_tasks() + learned_opt.list_optimizers())
+    with pytest.raises(SystemExit) as e:
         parse_args(["--data-dir", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    assert "no such directory" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- episode lengths

@@ -325,6 +325,24 @@ def test_bad_options():
         learned_opt.learned_optimizer("unf", params, bad)
 
 
+@pytest.mark.parametrize("method", ["unf", "sgdm"])
+def test_params_the_rule_cannot_update_name_the_leaf(method):
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes)
+    with pytest.raises(ValueError, match="no array leaves"):
+        learned_opt.learned_optimizer(method, {}, {})
+    as_int = params | {"Dense_1": params["Dense_1"] | {"bias": jnp.zeros(2, jnp.int32)}}
+    with pytest.raises(ValueError, match="Dense_1/bias has dtype int32"):
+        learned_opt.learned_optimizer(method, as_int, spec)
+    lopt = learned_opt.learned_optimizer(method, params, spec)
+    with pytest.raises(ValueError, match="Dense_1/bias has dtype int32"):
+        lopt.init_state(lopt.init(jax.random.key(0)), as_int)
+    empty = params | {"Dense_0": {"kernel": jnp.zeros((shapes["Dense_0"]["kernel"][0], 0)),
+                                  "bias": jnp.zeros(0)}}
+    with pytest.raises(ValueError, match=r"Dense_0/\w+ has shape .*an axis of size 0"):
+        learned_opt.learned_optimizer(method, empty, spec)
+
+
 def test_relax_and_channels_counts():
     """relax: count independent of every size; channels: fixed sizes enter the count."""
     counts = {}
