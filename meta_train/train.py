@@ -21,6 +21,7 @@ code shards the population across hosts (see docs/meta_train.md; multi-host is u
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -375,23 +376,27 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
     def save(step, st):
         checkpoint.save(run_dir, step, st, config.to_json(), config.seed)
 
-    ema, done = None, start
+    recent = collections.deque(maxlen=50)  # meta-losses of the last steps, for the bar
+    done = start
     pending = None  # (t, metrics, t_dispatch): fetched one step later so the device stays busy
     last = time.perf_counter()
 
     def flush(p):
-        nonlocal ema, last
+        nonlocal last
         t, metrics = p
         row = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         row["inner_steps_per_s"] = per_step / max(now - last, 1e-9)
         row["wall_s"] = now - last
         last = now
-        ema = row["meta_loss"] if ema is None else 0.95 * ema + 0.05 * row["meta_loss"]
+        recent.append(row["meta_loss"])
         logger.log(t, row)
         history.append({"step": t} | row)
         if bar is not None:
-            bar.set_postfix(meta_loss=f"{ema:.4f}", alpha=f"{row['alpha']:.3g}")
+            # refresh=False: set_postfix would otherwise redraw every step, defeating mininterval
+            bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}",
+                            mean50=f"{sum(recent) / len(recent):.4f}",
+                            alpha=f"{row['alpha']:.3g}", refresh=False)
             bar.update(1)
 
     try:
@@ -402,6 +407,8 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
                 # execution itself is asynchronous, so this is the compile time
                 _say(bar, f"outer step compiled in {time.perf_counter() - t_call:.1f} s "
                      "(tracing + XLA, once per process)")
+                if bar is not None:  # the rate and ETA count steps, not the compilation
+                    bar.start_t = bar.last_print_t = bar._time()
             if pending is not None:
                 flush(pending)
                 pending = None

@@ -408,6 +408,15 @@ def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
         assert len(f.read().splitlines()) == 8
 
 
+def test_progress_bar_in_a_log_file_redraws_rarely_and_shows_the_last_loss(tmp_path, capfd):
+    # stderr is not a terminal here: the bar may redraw every 30 s, not every step.
+    config = MetaTrainConfig(**TINY, outer_steps=30, out=str(tmp_path / "r"))
+    result = mt.meta_train(config, progress=True)
+    err = capfd.readouterr().err
+    assert err.count("meta-train:") <= 3, err
+    assert f"meta_loss={result.history[-1]['meta_loss']:.4f}" in err.rsplit("meta-train:", 1)[1]
+
+
 def test_diagnose_network_term_reports_the_weight_component(tmp_path, capsys):
     # The diagnostic's cos(net, W) is ~0 exactly when the network term is kept tangent.
     import importlib.util
