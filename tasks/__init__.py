@@ -9,7 +9,7 @@
 
 from tasks.base import ClassificationTask, LanguageModelTask, Task, cross_entropy
 from tasks.custom import CustomConfig, from_flax
-from tasks.data import DataNotFoundError
+from tasks.data import DataFileError, DataNotFoundError
 from tasks.registry import (
     CNNConfig,
     MLPConfig,
@@ -23,6 +23,7 @@ __all__ = [
     "CNNConfig",
     "ClassificationTask",
     "CustomConfig",
+    "DataFileError",
     "DataNotFoundError",
     "LanguageModelTask",
     "MLPConfig",

@@ -23,10 +23,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import os
 import socket
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,24 @@ LM1B_MAX_BYTES = 1 << 24  # online lm1b: the first 16 MiB of sentences of each s
 
 class DataNotFoundError(FileNotFoundError):
     """A dataset is neither in the data directory nor available through tensorflow-datasets."""
+
+
+class DataFileError(DataNotFoundError):
+    """A data file is there but cannot be read (truncated, damaged or of another format)."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turn any failure to parse ``path`` into a :class:`DataFileError` naming it."""
+    try:
+        yield
+    except DataFileError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise DataFileError(
+            f"data file {path} cannot be read ({type(e).__name__}: {e}); it is damaged or "
+            "incomplete: replace it with a fresh copy (sources in the data directory's README, "
+            f"layout in tasks/data.py), or unset ${ENV_VAR} to use tensorflow-datasets") from e
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -101,14 +121,18 @@ def _tfds_source(name: str, split: str):
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    header = np.frombuffer(raw, dtype=">i4", count=2)
-    if header[0] != magic:
-        raise ValueError(f"{path}: IDX magic number {header[0]} != expected {magic}")
-    ndim = magic & 0xFF
-    shape = tuple(np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    with _reading(path):
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+        header = np.frombuffer(raw, dtype=">i4", count=1)
+        if header[0] != magic:
+            raise ValueError(f"IDX magic number {header[0]} != expected {magic}")
+        ndim = magic & 0xFF
+        shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if data.size != np.prod(shape):
+            raise ValueError(f"{data.size} bytes of data for shape {shape}")
+        return data.reshape(shape)
 
 
 def downsample_fmnist(images: np.ndarray) -> np.ndarray:
@@ -130,6 +154,9 @@ def _load_fashion_mnist(data_dir: Path | None) -> dict:
             if missing:
                 raise _missing_files_error("Fashion-MNIST", data_dir, missing)
             images, labels = _read_idx(paths[0], 2051), _read_idx(paths[1], 2049)
+            if len(images) != len(labels):
+                raise DataFileError(f"{paths[0]} holds {len(images)} images but {paths[1]} "
+                                    f"{len(labels)} labels: replace both with fresh copies")
         else:
             src = _tfds_source("fashion_mnist", split)
             items = [src[i] for i in range(len(src))]
@@ -153,7 +180,7 @@ def _load_cifar10(data_dir: Path | None) -> dict:
         path = data_dir / CIFAR10_FILE
         if not path.exists():
             raise _missing_files_error("CIFAR-10", data_dir, [path])
-        with np.load(path) as z:
+        with _reading(path), np.load(path) as z:
             raw = {s: (z[f"x_{s}"], z[f"y_{s}"]) for s in ("train", "test")}
     else:
         raw = {}
@@ -188,6 +215,9 @@ def _load_text(data_dir: Path | None) -> tuple[dict, str]:
         if not path.exists():
             raise _missing_files_error("text corpus", data_dir, [path])
         stream = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        if len(stream) < 1000:  # far too short to hold a train and a test split of sequences
+            raise DataFileError(f"data file {path} holds only {len(stream)} bytes: replace it "
+                                "with a fresh copy")
         cut = int(len(stream) * (1 - TEST_FRACTION))
         return {"train": stream[:cut], "test": stream[cut:]}, f"tiny_shakespeare bytes ({path})"
     out = {}

@@ -53,6 +53,42 @@ def test_downsample_is_the_area_average_of_the_padded_image():
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_damaged_data_files_are_named(tmp_path):
+    import gzip
+
+    from tasks import data as datasets
+
+    fm = tmp_path / "fashion_mnist"
+    fm.mkdir()
+    header = np.array([2051, 3, 28, 28], ">i4").tobytes()
+    files = {
+        "train-images-idx3-ubyte.gz":  # truncated: EOFError inside gzip
+            gzip.compress(header + bytes(3 * 28 * 28))[:-12],
+        "train-labels-idx1-ubyte.gz": gzip.compress(np.array([2049, 3], ">i4").tobytes()
+                                                    + bytes(3)),
+        "t10k-images-idx3-ubyte.gz": gzip.compress(b"not an IDX file at all"),
+        "t10k-labels-idx1-ubyte.gz": b"",
+    }
+    for name, raw in files.items():
+        (fm / name).write_bytes(raw)
+    with pytest.raises(tasks.DataFileError, match="train-images-idx3-ubyte.gz cannot be read"):
+        datasets.load_fashion_mnist(tmp_path)
+    (fm / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(3 * 28 * 28)))
+    with pytest.raises(tasks.DataFileError, match="t10k-images-idx3-ubyte.gz.*magic number"):
+        datasets.load_fashion_mnist(tmp_path)
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / datasets.CIFAR10_FILE).write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(tasks.DataFileError, match="cifar10_16x16.npz cannot be read"):
+        datasets.load_cifar10(tmp_path)
+    (tmp_path / "text").mkdir()
+    (tmp_path / datasets.TEXT_FILE).write_bytes(b"to be")
+    with pytest.raises(tasks.DataFileError, match="tiny_shakespeare.txt holds only 5 bytes"):
+        datasets.load_text(tmp_path)
+    # Through the task registry the error is the data's, not the task arguments'.
+    with pytest.raises(tasks.DataFileError, match="tiny_shakespeare.txt"):
+        tasks.get_task("rnn_lm_tiny", data_dir=tmp_path)
+
+
 def test_missing_data_error_is_fast_and_says_what_to_do(tmp_path):
     start = time.perf_counter()
     with pytest.raises(tasks.DataNotFoundError, match="train-images-idx3-ubyte.gz.*LOPT_DATA_DIR"):
