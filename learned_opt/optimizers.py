@@ -76,7 +76,7 @@ _METHODS: dict[str, tuple[int, Callable | None]] = {
 
 FIXED_AXES_MODES = ("relax", "channels")
 # How the network term is scaled before it joins the nominal momentum (see the config).
-NETWORK_SCALES = ("none", "momentum_rms")
+NETWORK_SCALES = ("none", "momentum_rms", "normalised")
 
 
 def list_optimizers() -> list[str]:
@@ -112,7 +112,11 @@ class LearnedOptimizerConfig:
         after the loss has converged. ``"momentum_rms"``: ``alpha * (m + beta * rms(m) * f)``
         with ``rms(m)`` the root mean square of the nominal momentum over each tensor, so the
         network term shrinks with the gradients exactly like the nominal term and its size
-        relative to it is ``beta * |f|``.
+        relative to it is ``beta * |f|``. ``"normalised"``: ``alpha * (m + beta * rms(m) *
+        f / rms(f))``, so that the network term's size relative to the nominal term is exactly
+        ``|beta|`` on every tensor at every step, whatever f outputs on inputs unlike those of
+        meta-training (Celo2 normalises its MLP's output per tensor the same way); f only
+        chooses the direction.
       network_tangent: remove from the network's output, per tensor, its component along the
         tensor's weights, ``f - (<f, W> / <W, W>) W``, so that the network term cannot grow or
         shrink the weights (to first order). Without it, rules meta-trained on episodes of at
@@ -436,7 +440,9 @@ class LearnedOptimizer:
             if c.network_tangent:
                 f = jax.tree.map(_tangent, f, params)
             if c.network_scale == "momentum_rms":
-                f = jax.tree.map(lambda f, m: f * jnp.sqrt(jnp.mean(jnp.square(m))), f, m)
+                f = jax.tree.map(lambda f, m: f * _rms(m), f, m)
+            elif c.network_scale == "normalised":
+                f = jax.tree.map(lambda f, m: f * (_rms(m) / jnp.maximum(_rms(f), 1e-30)), f, m)
             direction = jax.tree.map(lambda m, f: m + nom["beta"] * f, m, f)
         updates = jax.tree.map(lambda d, p: (-alpha * d).astype(jnp.result_type(p)),
                                direction, params)
@@ -514,6 +520,11 @@ class LearnedOptimizer:
         if meta_params is None:
             meta_params = jax.eval_shape(self.init, jax.random.key(0))
         return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(meta_params))
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    """Root mean square over the whole tensor (invariant under permutations of its axes)."""
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
 def _tangent(f: jax.Array, w: jax.Array) -> jax.Array:

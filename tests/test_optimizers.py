@@ -129,11 +129,14 @@ RULE_OPTIONS = {
                  "progress_centres": (0.1, 0.5, 0.9)},
     # m_d / sqrt(v) is elementwise, then normalised over whole tensors: same.
     "adam": {"network_scale": "momentum_rms", "adam_features": True, "clip_features": False},
+    # rms(m) / rms(f) is a ratio of per-tensor statistics: invariant.
+    "normalised": {"network_scale": "normalised", "network_tangent": True},
 }
 EQUIVARIANCE_CASES = [(m, s, "paper") for m in ("unf", "unf_deep", "deepset", "nfn")
                       for s in SPACES if not (m == "nfn" and s in ("rnn", "transformer"))]
 EQUIVARIANCE_CASES += [("unf", "mlp", "momentum_rms"), ("deepset", "rnn", "momentum_rms"),
-                       ("unf", "cnn", "progress"), ("unf", "mlp", "adam")]
+                       ("unf", "cnn", "progress"), ("unf", "mlp", "adam"),
+                       ("deepset", "cnn", "normalised")]
 
 
 def numpy_permutations(seed, sizes):
@@ -486,6 +489,28 @@ def test_momentum_rms_network_term_shrinks_with_the_gradients():
         u_none = u_big
     np.testing.assert_allclose(ratios["momentum_rms"], 0.1, rtol=0.02)
     assert min(ratios["none"]) > 0.15  # the paper's network term shrinks far less
+
+
+def test_normalised_network_term_is_beta_times_the_momentum_rms():
+    # network_scale="normalised": alpha * (m + beta * rms(m) * f / rms(f)) per tensor, so the
+    # network term's RMS is |beta| rms(m) whatever f's size (f taken from the paper's rule).
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes, 0.5)
+    grads = random_tree(1, shapes, 0.3)
+    out = {}
+    for scale in ("none", "normalised"):
+        lopt = learned_opt.learned_optimizer("unf", params, spec, network_scale=scale)
+        meta = lopt.init(jax.random.key(2)) | {"beta": jnp.float32(-0.5)}
+        updates, _ = jax.jit(lopt.update)(meta, lopt.init_state(meta, params), grads, params)
+        alpha = float(lopt.nominal(meta)["alpha"])
+        out[scale] = [-np.asarray(u, np.float64) / alpha for u in jax.tree.leaves(updates)]
+    for u_none, u_norm, g in zip(out["none"], out["normalised"], jax.tree.leaves(grads),
+                                 strict=True):
+        g = np.asarray(g, np.float64)
+        f = (u_none - g) / -0.5
+        rms = lambda x: np.sqrt(np.mean(np.square(x)))  # noqa: E731
+        np.testing.assert_allclose(u_norm, g - 0.5 * rms(g) * f / rms(f), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(rms(u_norm - g), 0.5 * rms(g), rtol=1e-4)
 
 
 
