@@ -257,6 +257,9 @@ def compare(task, learned: dict[str, optax.GradientTransformation], *, steps: in
 def _log_wandb(results, rows, plot, out_dir, mode, info):
     import wandb
 
+    from meta_train.tracking import usable_wandb_mode
+
+    mode = usable_wandb_mode(mode)
     run = wandb.init(project="learned-opt", dir=str(out_dir), mode=mode, job_type="eval",
                      config=info, name=f"eval-{Path(out_dir).name}")
     means = {name: np.nanmean(np.where(np.isfinite(r.losses), r.losses, np.nan), axis=0)

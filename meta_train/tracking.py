@@ -8,12 +8,59 @@ from __future__ import annotations
 
 import json
 import math
+import netrc
 import os
 import secrets
+import socket
+import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _wandb_host() -> str:
+    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+
+
+def _has_api_key(host: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def usable_wandb_mode(mode: str, timeout: float = 3.0) -> str:
+    """``mode``, or ``"offline"`` with a warning when ``"online"`` cannot work here.
+
+    Online wandb without an API key fails after about 15 s and without network hangs about
+    90 s before it crashes; both are checked in at most ``timeout`` seconds first.
+    """
+    if mode != "online":
+        return mode
+    host = _wandb_host()
+    problem = None
+    if not _has_api_key(host):
+        problem = f"no wandb API key for {host} (set WANDB_API_KEY or run `wandb login`)"
+    else:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError as e:
+            problem = f"{host}:443 is unreachable ({e})"
+    if problem is None:
+        return mode
+    warnings.warn(f"wandb online is not usable: {problem}; logging offline instead (upload "
+                  "later with `wandb sync`)", stacklevel=2)
+    return "offline"
+
+
+def offline_run_hint(run_dir) -> str:
+    """Where a run's offline wandb data are and how to upload them."""
+    return (f"wandb offline data in {Path(run_dir) / 'wandb'}; upload with: wandb sync "
+            f"{Path(run_dir) / 'wandb' / 'offline-run-*'}")
 
 
 def _jsonable(v: Any) -> Any:
@@ -54,6 +101,7 @@ class MetricsLogger:
             self.path.write_text("".join(ln + "\n" for ln in kept))
         self._file = self.path.open("a")
         self.run = None
+        self.mode = mode = usable_wandb_mode(mode)
         if mode != "disabled":
             import wandb  # slow import: only when used
 

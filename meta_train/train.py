@@ -45,7 +45,7 @@ from meta_train import checkpoint
 from meta_train.config import ConfigError, MetaTrainConfig
 from meta_train.estimators import ESTIMATORS, EstimatorState, outer_optimizer
 from meta_train.inner import InnerProblem
-from meta_train.tracking import MetricsLogger
+from meta_train.tracking import MetricsLogger, offline_run_hint
 
 PyTree = Any
 
@@ -431,12 +431,16 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
         if bar is not None:
             bar.close()
         logger.close()
+        if logger.mode == "offline":
+            print(offline_run_hint(run_dir))
         print(f"\ninterrupted: checkpoint at step {done} in {run_dir}; continue with --resume")
         raise
     save(done, state)
     if bar is not None:
         bar.close()
     logger.close()
+    if logger.mode == "offline" and progress:
+        print(offline_run_hint(run_dir))
     meta_params = jax.device_get(setup.estimator.mean(state))
     learned_opt.save(run_dir / "optimizer", setup.lopt, meta_params)
     return MetaTrainResult(setup.lopt, meta_params, history, run_dir, done)

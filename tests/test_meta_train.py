@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -406,6 +407,30 @@ def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
     assert json.loads((task_dir / "unf" / "meta_train.json").read_text())["outer_steps"] == 8
     with gzip.open(task_dir / "unf" / "metrics.jsonl.gz", "rt") as f:
         assert len(f.read().splitlines()) == 8
+
+
+def test_wandb_online_without_key_or_network_falls_back_to_offline_at_once(monkeypatch,
+                                                                         tmp_path):
+    import socket
+
+    from meta_train import tracking
+
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))  # no key in a netrc either
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="no wandb API key.*logging offline"):
+        assert tracking.usable_wandb_mode("online") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+
+    def unreachable(address, timeout=None):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.warns(UserWarning, match="api.wandb.ai:443 is unreachable.*wandb sync"):
+        assert tracking.usable_wandb_mode("online") == "offline"
+    assert time.perf_counter() - start < 5
+    assert tracking.usable_wandb_mode("disabled") == "disabled"
+    assert "wandb sync" in tracking.offline_run_hint(tmp_path)
 
 
 def test_progress_bar_in_a_log_file_redraws_rarely_and_shows_the_last_loss(tmp_path, capfd):
