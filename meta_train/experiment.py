@@ -52,7 +52,11 @@ RESULT_FIELDS = {"final_train_loss": "final_train", "final_test_loss": "final_te
 # and kept tangent to the weights, a step embedding that saturates within the shortest episode,
 # and training progress (the schedule and f's progress channels; sgdm gets the schedule alone).
 RULE = (("network_scale", "momentum_rms"), ("network_tangent", True),
-        ("step_timescales", (1, 3, 10, 30, 100, 300)), ("progress_centres", PROGRESS_CENTRES))
+        ("step_timescales", (1, 3, 10, 30, 100, 300)), ("progress_centres", PROGRESS_CENTRES),
+        # Unclipped features: clipping the weight channel to [-1, 1] before the per-tensor RMS
+        # made it scale-dependent, so f saw inputs unlike meta-training's once the weights had
+        # grown past 1 (README ablation, mlp_fmnist unf at 5T).
+        ("clip_features", False))
 
 
 class TaskProtocol(NamedTuple):
