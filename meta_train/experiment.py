@@ -88,6 +88,26 @@ PROTOCOLS = {
 BASELINES = ("adam", "sgdm")
 
 
+def with_overrides(protocol: TaskProtocol, objective: str | None = None,
+                   min_horizon: int | None = None, optimizer_args=(),
+                   horizon_factors=None) -> TaskProtocol:
+    """``protocol`` with the options a user overrides (``None`` / empty: keep the protocol's).
+
+    ``optimizer_args``: ``(key, value)`` pairs that override options of the rule for every
+    method (later pairs win).
+    """
+    if objective:
+        protocol = protocol._replace(objective=objective)
+    if min_horizon is not None:
+        protocol = protocol._replace(min_horizon=min_horizon)
+    if optimizer_args:
+        protocol = protocol._replace(
+            optimizer_args=protocol.optimizer_args + tuple(map(tuple, optimizer_args)))
+    if horizon_factors:
+        protocol = protocol._replace(horizon_factors=tuple(horizon_factors))
+    return protocol
+
+
 def meta_config(protocol: TaskProtocol, method: str, budget: int, run_dir, seed: int = 0,
                 wandb: str = "disabled"):
     """The ``MetaTrainConfig`` of one (task, method) run: identical for every method."""

@@ -83,7 +83,12 @@ def main(argv=None) -> int:
     if args.device:  # jax is imported already (the protocols): set the config, not the env
         jax.config.update("jax_platforms", args.device.replace("gpu", "cuda"))
 
-    from meta_train.experiment import evaluate_task, run_method, write_summary_csv
+    from meta_train.experiment import (
+        evaluate_task,
+        run_method,
+        with_overrides,
+        write_summary_csv,
+    )
 
     devices = jax.devices()
     print(f"devices: {len(devices)} x {devices[0].device_kind}; budget {args.budget:,} outer "
@@ -91,16 +96,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     rows = []
     for task in args.tasks:
-        protocol = PROTOCOLS[task]
-        if args.objective:
-            protocol = protocol._replace(objective=args.objective)
-        if args.min_horizon is not None:
-            protocol = protocol._replace(min_horizon=args.min_horizon)
-        if args.optimizer_args:
-            protocol = protocol._replace(
-                optimizer_args=protocol.optimizer_args + tuple(args.optimizer_args))
-        if args.horizon_factors:
-            protocol = protocol._replace(horizon_factors=tuple(args.horizon_factors))
+        protocol = with_overrides(PROTOCOLS[task], args.objective, args.min_horizon,
+                                  args.optimizer_args, args.horizon_factors)
         methods = args.methods or list(protocol.methods)
         if not args.eval_only:
             for method in methods:

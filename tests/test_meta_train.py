@@ -372,6 +372,23 @@ def test_bad_min_horizon_is_refused(changes):
 # ---------------------------------------------------------------- experiment 1 pipeline
 
 
+def test_experiment_overrides_reach_every_method_config():
+    from meta_train import experiment
+
+    base = experiment.PROTOCOLS["rnn_lm"]
+    protocol = experiment.with_overrides(base, objective="final", min_horizon=2000,
+                                         optimizer_args=[("clip_features", True),
+                                                         ("init_alpha", 0.05)],
+                                         horizon_factors=[1])
+    assert (protocol.objective, protocol.min_horizon, protocol.horizon_factors) == (
+        "final", 2000, (1,))
+    for method in ("sgdm", "unf"):
+        args = experiment.meta_config(protocol, method, 10, "/tmp/r").optimizer_args
+        want = dict(base.optimizer_args) | {"clip_features": True, "init_alpha": 0.05}
+        assert args == json.loads(json.dumps(want))  # the config stores tuples as lists
+    assert experiment.with_overrides(base) == base
+
+
 def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
     from meta_train import experiment
 
