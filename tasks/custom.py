@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from learned_opt.check import check_perm_spec
 from learned_opt.infer import infer_perm_spec
+from learned_opt.spec import PermSpecError
 from tasks.base import ClassificationTask
 
 
@@ -59,6 +60,7 @@ def from_flax(
     batch_size: int,
     perm_spec=None,
     *,
+    order=None,
     name: str = "custom",
     key: jax.Array | None = None,
 ) -> ClassificationTask:
@@ -72,12 +74,17 @@ def from_flax(
         examples along the first axis; used as given (preprocess them first).
       batch_size: examples per ``sample_batch``.
       perm_spec: the parameters' spec; inferred with :func:`learned_opt.infer_perm_spec` when
-        None. Either way it is verified with :func:`learned_opt.check_perm_spec`.
+        None (from the parameters in Flax's call order, so e.g. Dense -> LayerNorm -> Dense
+        chains without help). Either way it is verified with :func:`learned_opt.check_perm_spec`.
+      order: top-level layer names in call order, passed to ``infer_perm_spec`` (only needed
+        when the call order is ambiguous, which the error then says).
       name: the task's name.
       key: PRNG key for the spec check (default ``jax.random.key(0)``).
 
     Raises:
       learned_opt.spec.PermSpecError: the spec cannot be inferred or is not a symmetry.
+      ValueError: the model keeps state outside ``"params"`` (BatchNorm's ``batch_stats``):
+        tasks are pure functions of the parameters.
     """
     data = {"train": _as_arrays(train_arrays, "train_arrays"),
             "test": _as_arrays(test_arrays, "test_arrays")}
@@ -90,9 +97,40 @@ def from_flax(
     task = ClassificationTask(name, config, module, data, perm_spec=None, loss_fn=loss_fn)
     key = jax.random.key(0) if key is None else key
     init_key, check_key = jax.random.split(key)
-    params = task.init(init_key)
-    spec = infer_perm_spec(params) if perm_spec is None else perm_spec
     inputs = data["train"]["inputs"][: max(batch_size, 8)]
-    check_perm_spec(task.apply, params, spec, inputs, key=check_key)
+    # Not jitted: jit sorts dict keys, and inference reads Flax's call order when it has it.
+    variables = module.init(init_key, inputs[:1])
+    _refuse_mutable_state(variables)
+    params = task.init(init_key)
+    spec = infer_perm_spec(variables["params"], order) if perm_spec is None else perm_spec
+    try:
+        check_perm_spec(task.apply, params, spec, inputs, key=check_key)
+    except PermSpecError as e:
+        if perm_spec is not None:
+            raise
+        raise PermSpecError(
+            f"the spec inferred for this model is not a symmetry of it: {e} Inference sees "
+            "only the parameter tree: with residual connections, the layers whose outputs "
+            "are added together must share one label; write that spec and pass "
+            "perm_spec=...") from e
     task.perm_spec = spec
     return task
+
+
+def _refuse_mutable_state(variables: Mapping) -> None:
+    other = sorted(set(variables) - {"params"})
+    if not other:
+        return
+    where = sorted({path.split("/")[0] for c in other
+                    for path in _paths(variables[c])})
+    raise ValueError(
+        f"the model keeps state in the collection(s) {other} (modules {where}), which a task "
+        "cannot carry: tasks are pure functions of the parameters. Use a stateless "
+        "normalisation (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm) instead of nn.BatchNorm, or "
+        "write a task whose loss threads that state explicitly.")
+
+
+def _paths(tree, prefix: str = "") -> list[str]:
+    if not isinstance(tree, Mapping):
+        return [prefix]
+    return [p for k, v in tree.items() for p in _paths(v, f"{prefix}{k}/")]

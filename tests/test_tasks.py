@@ -186,6 +186,48 @@ def test_from_flax_infers_and_checks_the_spec():
         tasks.from_flax(model, tasks.cross_entropy, (x, y), (x, y), 32, perm_spec=bad)
 
 
+class _NormMLP(nn.Module):
+    norm: str = "layer"
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16)(x)
+        x = nn.LayerNorm()(x) if self.norm == "layer" else nn.BatchNorm(False)(x)
+        return nn.Dense(2)(nn.relu(x))
+
+
+class _ResidualMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16)(x)
+        x = x + nn.Dense(16)(nn.relu(x))
+        return nn.Dense(2)(x)
+
+
+def test_from_flax_on_common_models():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    # Dense -> LayerNorm -> Dense: the jitted (sorted) tree chains two ways; Flax's call order
+    # settles it, and the norm carries the hidden label.
+    task = tasks.from_flax(_NormMLP(), tasks.cross_entropy, (x, y), (x, y), 8)
+    assert task.perm_spec["LayerNorm_0"] == {"scale": ("Dense_0",), "bias": ("Dense_0",)}
+    assert task.perm_spec["Dense_1"]["kernel"] == ("Dense_0", None)
+    # BatchNorm's batch_stats: refused, naming the collection, the module and what to do.
+    with pytest.raises(ValueError, match=r"\['batch_stats'\] \(modules \['BatchNorm_0'\]\).*"
+                       "LayerNorm"):
+        tasks.from_flax(_NormMLP("batch"), tasks.cross_entropy, (x, y), (x, y), 8)
+    # A residual MLP: the inferred chain is not a symmetry and the error says what to write.
+    with pytest.raises(PermSpecError, match="residual connections.*share one label"):
+        tasks.from_flax(_ResidualMLP(), tasks.cross_entropy, (x, y), (x, y), 8)
+    stream = {"Dense_0": {"kernel": (None, "r"), "bias": ("r",)},
+              "Dense_1": {"kernel": ("r", "r"), "bias": ("r",)},
+              "Dense_2": {"kernel": ("r", None), "bias": (None,)}}
+    task = tasks.from_flax(_ResidualMLP(), tasks.cross_entropy, (x, y), (x, y), 8,
+                           perm_spec=stream)
+    assert task.perm_spec == stream
+
+
 def test_missing_data_without_data_dir_fails_fast_offline(monkeypatch, tmp_path):
     monkeypatch.delenv("LOPT_DATA_DIR", raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
