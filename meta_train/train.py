@@ -97,9 +97,9 @@ def build_optimizer(config: MetaTrainConfig, task):
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of {names}")
     params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
     try:
-        return learned_opt.learned_optimizer(
-            config.optimizer, params, task.perm_spec, **config.optimizer_args
-        )
+        # The task's defaults (e.g. a smaller initial step where 0.1 diverges), then the user's.
+        args = tasks.optimizer_defaults(config.task) | config.optimizer_args
+        return learned_opt.learned_optimizer(config.optimizer, params, task.perm_spec, **args)
     except (ValueError, NotImplementedError) as e:  # PermSpecError is a ValueError
         raise ConfigError(
             f"optimizer {config.optimizer!r} cannot be used with task {config.task!r} "

@@ -17,6 +17,7 @@ from tasks.registry import (
     TransformerLMConfig,
     get_task,
     list_tasks,
+    optimizer_defaults,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "from_flax",
     "get_task",
     "list_tasks",
+    "optimizer_defaults",
 ]

@@ -234,6 +234,19 @@ def test_bad_flags_fail_at_once(flags, message, tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_task_optimizer_defaults_apply_unless_the_user_sets_them():
+    import tasks
+
+    task = tasks.get_task("rnn_lm")
+    lopt = mt.build_optimizer(MetaTrainConfig(task="rnn_lm", optimizer="sgdm"), task)
+    assert lopt.config.init_alpha == 0.03  # 0.1 diverges on this task (tasks/registry.py)
+    mine = MetaTrainConfig(task="rnn_lm", optimizer="sgdm", optimizer_args={"init_alpha": 0.1})
+    assert mt.build_optimizer(mine, task).config.init_alpha == 0.1
+    assert tasks.optimizer_defaults("mlp_fmnist") == {}
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        tasks.optimizer_defaults("nope")
+
+
 def test_population_not_divisible_by_devices_fails():
     with pytest.raises(ConfigError, match=r"divisible by the number of devices"):
         mt.make_mesh(6, devices=[object()] * 4)
