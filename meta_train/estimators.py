@@ -169,8 +169,14 @@ class _Base:
 
     def _tell(self, key, population, fitness, es_state):
         new, _ = self.strategy.tell(key, population, fitness, es_state, self.es_params)
-        ok = jnp.all(jnp.isfinite(new.mean))
-        # Guard: never let a non-finite mean (or optimizer state) replace a finite one.
+        half = fitness.shape[0] // 2
+        # No antithetic pair differs (e.g. every member at the loss cap): the estimate is 0, but
+        # recovering the perturbations from the population rounds, and Adam would turn that
+        # noise into full-size steps.
+        informative = jnp.any(fitness[:half] != fitness[half:])
+        ok = jnp.all(jnp.isfinite(new.mean)) & informative
+        # Guard: never let a non-finite mean (or optimizer state) replace a finite one, nor an
+        # uninformative estimate move it.
         guarded = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, es_state)
         # Logged when the outer optimizer records it (``outer_optimizer`` does); NaN otherwise,
         # so that any optax optimizer can be injected.
