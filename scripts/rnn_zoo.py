@@ -426,7 +426,9 @@ def train_predictor(pcfg: PredictConfig, params: PyTree, labels: np.ndarray, spl
         return np.concatenate([np.asarray(o) for o in out])
 
     rng = np.random.default_rng(pcfg.seed)
-    best = {"val_kendall_tau": -np.inf}
+    # The first epoch is kept whatever its tau (NaN when the validation labels tie, e.g. in a
+    # small zoo), later ones only when they are better.
+    best = {"val_kendall_tau": -np.inf, "best_epoch": 0}
     n_batches = len(train_ids) // pcfg.batch_size
     for epoch in range(1, pcfg.epochs + 1):
         t = time.time()
@@ -440,7 +442,7 @@ def train_predictor(pcfg: PredictConfig, params: PyTree, labels: np.ndarray, spl
         val = evaluate_predictions(predict(variables, val_ids), labels[val_ids])
         log(f"  epoch {epoch}: train BCE {np.mean(losses):.4f}, val tau {val['kendall_tau']:.4f}"
             f", val R2 {val['r2']:.4f} ({time.time() - t:.1f} s)")
-        if val["kendall_tau"] > best["val_kendall_tau"]:
+        if best["best_epoch"] == 0 or val["kendall_tau"] > best["val_kendall_tau"]:
             best = {"val_kendall_tau": val["kendall_tau"], "best_epoch": epoch,
                     "variables": variables}
     test_pred = predict(best.pop("variables"), test_ids)

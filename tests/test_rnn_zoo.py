@@ -160,6 +160,20 @@ def test_tiny_zoo_build_reload_and_resume(tiny_zoo):
         rnn_zoo.build(dataclasses.replace(TINY, steps=7), out)
 
 
+def test_predictor_keeps_an_epoch_when_validation_tau_is_undefined(tiny_zoo):
+    # Tied validation labels make Kendall's tau NaN at every epoch: the first epoch is kept
+    # (this raised KeyError: 'variables').
+    out, zoo = tiny_zoo
+    _, _, params = rnn_zoo.load_zoo(out)
+    labels = np.array(zoo["success"], np.float32)
+    labels[zoo["split"] == 1] = 0.5
+    pcfg = rnn_zoo.PredictConfig(method="statnn", epochs=2, batch_size=4)
+    res = rnn_zoo.train_predictor(pcfg, params, labels, zoo["split"],
+                                  addition.perm_spec(params), log=lambda s: None)
+    assert res["best_epoch"] == 1 and np.isnan(res["val_kendall_tau"])
+    assert res["test_pred"].shape == (2,)
+
+
 def test_predict_cli_prints_json_metrics(tiny_zoo, capsys):
     out, zoo = tiny_zoo
     rnn_zoo.main(["predict", "--zoo", str(out), "--method", "statnn", "--epochs", "2",
