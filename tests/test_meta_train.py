@@ -107,6 +107,14 @@ def test_divergence_guard_counts_and_keeps_meta_params_finite(pes_setup, alpha, 
     assert np.all(np.isfinite(np.asarray(state.es.pert_accum)))
 
 
+def test_outer_step_compiles_once():
+    # A second call with new state and step must reuse the compiled program (a Python scalar,
+    # a weak type or a dataset constant would each force a recompilation).
+    setup = mt.build(MetaTrainConfig(**TINY, outer_steps=3))
+    _run(setup, mt.init_state(setup), 0, 3)
+    assert setup.step_fn.compiled_versions() == 1
+
+
 def test_no_update_when_every_member_is_at_the_loss_cap():
     # A cap below every loss: all fitnesses tie, the estimate carries no information, and the
     # meta-parameters must not move (rounding noise through Adam moved alpha 0.1 -> 0.1002).
