@@ -66,6 +66,9 @@ class MetaTrainConfig:
     out: str = _field("runs/meta_train", "run directory (config, metrics, checkpoints, optimizer)")
     resume: bool = _field(False, "continue the run in --out from its latest checkpoint")
     checkpoint_every: int = _field(100, "save a training checkpoint every N outer steps")
+    snapshot_every: int = _field(0, "also keep the optimizer (its mean meta-parameters) every N "
+                                 "outer steps in OUT/snapshots/step_N, for selection on "
+                                 "validation seeds; 0: none")
     wandb: str = _field("offline", "wandb mode: online, offline or disabled")
     wandb_project: str = _field("learned-opt", "wandb project name")
 
@@ -101,6 +104,8 @@ class MetaTrainConfig:
                 "objective 'final' with estimator 'pes' needs fitness_shaping 'raw' (only the "
                 "truncations that end an episode are scored)"
             )
+        if self.snapshot_every < 0:
+            raise ConfigError(f"snapshot_every must be >= 0 (0: none), got {self.snapshot_every}")
         for name in ("std", "outer_lr", "clip"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):  # NaN fails both tests

@@ -74,6 +74,9 @@ class TaskProtocol(NamedTuple):
     horizon_factors: tuple[int, ...] = (1, 5)  # evaluate at T and 5T
     objective: str = "mean"  # meta-objective (meta_train.estimators.OBJECTIVES)
     optimizer_args: tuple[tuple[str, object], ...] = RULE
+    # Keep the optimizer every N outer steps and report the one that does best on the tuning
+    # seeds at T (the baselines' learning rates are chosen the same way); 0: the last one.
+    snapshot_every: int = 1000
 
 
 PROTOCOLS = {
@@ -118,7 +121,8 @@ def meta_config(protocol: TaskProtocol, method: str, budget: int, run_dir, seed:
         truncation=protocol.truncation, horizon=protocol.horizon,
         min_horizon=protocol.min_horizon, outer_steps=budget, outer_lr=protocol.outer_lr,
         clip=1.0, std=protocol.std, objective=protocol.objective, seed=seed, out=str(run_dir),
-        resume=True, checkpoint_every=min(250, budget), wandb=wandb)
+        resume=True, checkpoint_every=min(250, budget), wandb=wandb,
+        snapshot_every=protocol.snapshot_every)
 
 
 def budget_facts(protocol: TaskProtocol, outer_steps: int) -> dict:
@@ -165,7 +169,8 @@ def run_method(protocol: TaskProtocol, method: str, budget: int, out, runs, seed
     (dest / "meta_train.json").unlink(missing_ok=True)  # marks the copy incomplete until the end
     if (dest / "optimizer").exists():
         shutil.rmtree(dest / "optimizer")
-    shutil.copytree(run_dir / "optimizer", dest / "optimizer")
+    chosen, selection = select_snapshot(protocol, run_dir, log)
+    shutil.copytree(chosen, dest / "optimizer")
     # gzip: 10,000 rows are 4 MB of JSON, 10x less compressed (results stay small).
     with (run_dir / "metrics.jsonl").open("rb") as src, gzip.GzipFile(
             dest / "metrics.jsonl.gz", "wb", mtime=0) as dst:
@@ -174,8 +179,48 @@ def run_method(protocol: TaskProtocol, method: str, budget: int, out, runs, seed
     (dest / "meta_train.json").write_text(json.dumps(
         facts | dict(wall_s=wall, session_wall_s=time.perf_counter() - t0,
                      config=json.loads((run_dir / "config.json").read_text()),
-                     final_meta_loss=_tail_mean(rows, "meta_loss")), indent=2))
+                     final_meta_loss=_tail_mean(rows, "meta_loss"), selection=selection),
+        indent=2))
     return dest
+
+
+def select_snapshot(protocol: TaskProtocol, run_dir, log=print) -> tuple[Path, dict]:
+    """The run's optimizer snapshot (or final optimizer) that trains best on the tuning seeds.
+
+    Candidates: ``run_dir/snapshots/step_*`` and ``run_dir/optimizer`` (the last step). Each is
+    scored like the baselines' learning rates: mean training loss over the last 10% of T steps
+    on ``evaluation.TUNE_SEEDS`` (never the reported seeds). Returns the chosen directory and
+    ``{"selected_step", "scores": {step: score}, "seeds", "steps"}``; with one candidate,
+    nothing is evaluated.
+    """
+    import learned_opt
+    import tasks
+    from meta_train.evaluation import TUNE_SEEDS, tail_loss, train_runs
+
+    run_dir = Path(run_dir)
+    last = _steps_done(run_dir)
+    candidates = {int(p.name.split("_")[1]): p for p in sorted(run_dir.glob("snapshots/step_*"))
+                  if int(p.name.split("_")[1]) < last}
+    candidates[last] = run_dir / "optimizer"
+    if len(candidates) == 1:
+        return candidates[last], {"selected_step": last, "scores": {}}
+    task = tasks.get_task(protocol.task)
+    scores = {}
+    for step, path in sorted(candidates.items()):
+        try:
+            lopt, meta = learned_opt.load(path)
+        except (OSError, ValueError) as e:  # a snapshot cut short by a kill: skip it
+            log(f"[{protocol.task}] snapshot {path} unreadable ({e}); skipped")
+            continue
+        runs = train_runs(task, lopt.as_optax(meta, num_steps=protocol.horizon), TUNE_SEEDS,
+                          protocol.horizon)
+        scores[step] = float(tail_loss(runs.losses).mean())
+    best = min(scores, key=lambda k: (scores[k], -k))  # ties: the later snapshot
+    log(f"[{protocol.task}] snapshot scores on tuning seeds {list(TUNE_SEEDS)} at "
+        f"T={protocol.horizon}: " + ", ".join(f"{k}: {v:.4f}" for k, v in scores.items())
+        + f"; selected step {best}")
+    return candidates[best], {"selected_step": best, "scores": scores,
+                              "seeds": list(TUNE_SEEDS), "steps": protocol.horizon}
 
 
 def _steps_done(run_dir: Path) -> int:
@@ -293,6 +338,7 @@ def evaluate_task(protocol: TaskProtocol, methods, out, log=print) -> list[dict]
             _write_json(mdir / "summary.json", summary)
             rows.append(dict(task=protocol.task, method=method, horizon=steps,
                              horizon_factor=factor, outer_steps=summary.get("outer_steps"),
+                             selected_step=summary.get("selection", {}).get("selected_step"),
                              paper_fraction=summary.get("paper_fraction"),
                              meta_train_wall_s=summary.get("wall_s"))
                         | _result_cells(entry)

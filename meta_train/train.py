@@ -419,6 +419,9 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
                 pending = None
             state, done = new_state, t + 1
             pending = (t, metrics)
+            if config.snapshot_every and done % config.snapshot_every == 0:
+                learned_opt.save(run_dir / "snapshots" / f"step_{done:07d}", setup.lopt,
+                                 jax.device_get(setup.estimator.mean(state)))
             if done % config.checkpoint_every == 0 and done < config.outer_steps:
                 flush(pending)  # the metrics row of every step a checkpoint holds: first
                 pending = None

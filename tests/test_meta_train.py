@@ -458,6 +458,30 @@ def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
         assert len(f.read().splitlines()) == 8
 
 
+def test_experiment_reports_the_snapshot_best_on_the_tuning_seeds(tmp_path):
+    from meta_train import experiment
+
+    protocol = experiment.PROTOCOLS["mlp_fmnist"]._replace(
+        task="mlp_fmnist_tiny", horizon=20, min_horizon=10, truncation=5, population=4,
+        outer_lr=0.05, snapshot_every=2)
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    logs = []
+    dest = experiment.run_method(protocol, "sgdm", 6, out, runs, log=logs.append)
+    run_dir = runs / "mlp_fmnist_tiny" / "sgdm"
+    assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == [
+        "step_0000002", "step_0000004", "step_0000006"]
+    selection = json.loads((dest / "meta_train.json").read_text())["selection"]
+    scores = {int(k): v for k, v in selection["scores"].items()}
+    assert sorted(scores) == [2, 4, 6] and selection["seeds"] == [200, 201, 202]
+    assert selection["selected_step"] == min(scores, key=scores.get)
+    # The reported optimizer is the selected snapshot (the last step's is run_dir/optimizer).
+    chosen = (run_dir / "optimizer" if selection["selected_step"] == 6 else
+              run_dir / "snapshots" / f"step_{selection['selected_step']:07d}")
+    assert ((dest / "optimizer" / "meta_params.msgpack").read_bytes()
+            == (chosen / "meta_params.msgpack").read_bytes())
+    assert "selected step" in logs[-1]
+
+
 def test_wandb_online_without_key_or_network_falls_back_to_offline_at_once(monkeypatch,
                                                                          tmp_path):
     import socket
