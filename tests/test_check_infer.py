@@ -12,7 +12,8 @@ from learned_opt import check_perm_spec, infer_perm_spec
 from learned_opt.spec import PermSpecError, spec_leaves
 
 DATA_DIR = os.environ.get("LOPT_DATA_DIR", "/work/shared/data")
-TINY = ["mlp_fmnist_tiny", "cnn_cifar10_tiny", "rnn_lm_tiny", "transformer_lm_tiny"]
+# Every registered task has a tiny variant for tests (checked in test_tasks.py).
+TINY = [name for name in tasks.list_tasks() if name.endswith("_tiny")]
 
 
 def setup(name, **kw):

@@ -132,7 +132,8 @@ RULE_OPTIONS = {
     # rms(m) / rms(f) is a ratio of per-tensor statistics: invariant.
     "normalised": {"network_scale": "normalised", "network_tangent": True},
 }
-EQUIVARIANCE_CASES = [(m, s, "paper") for m in ("unf", "unf_deep", "deepset", "nfn")
+NETWORK_METHODS = [m for m in learned_opt.list_optimizers() if m != "sgdm"]  # sgdm: no network
+EQUIVARIANCE_CASES = [(m, s, "paper") for m in NETWORK_METHODS
                       for s in SPACES if not (m == "nfn" and s in ("rnn", "transformer"))]
 EQUIVARIANCE_CASES += [("unf", "mlp", "momentum_rms"), ("deepset", "rnn", "momentum_rms"),
                        ("unf", "cnn", "progress"), ("unf", "mlp", "adam"),

@@ -15,7 +15,8 @@ from learned_opt.spec import PermSpecError
 from tasks import data as datasets
 
 DATA_DIR = os.environ.get("LOPT_DATA_DIR", "/work/shared/data")
-TINY = ["mlp_fmnist_tiny", "cnn_cifar10_tiny", "rnn_lm_tiny", "transformer_lm_tiny"]
+# Every registered task has a tiny variant for tests (checked in test_tasks.py).
+TINY = [name for name in tasks.list_tasks() if name.endswith("_tiny")]
 
 
 def get(name, **kw):
@@ -94,6 +95,11 @@ def test_missing_data_error_is_fast_and_says_what_to_do(tmp_path):
     with pytest.raises(tasks.DataNotFoundError, match="train-images-idx3-ubyte.gz.*LOPT_DATA_DIR"):
         tasks.get_task("mlp_fmnist_tiny", data_dir=tmp_path)
     assert time.perf_counter() - start < 5
+
+
+def test_every_task_has_a_tiny_variant():
+    full = [name for name in tasks.list_tasks() if not name.endswith("_tiny")]
+    assert sorted(f"{name}_tiny" for name in full) == sorted(TINY)
 
 
 @pytest.mark.parametrize("name", TINY)
