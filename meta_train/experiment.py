@@ -151,8 +151,11 @@ def run_method(protocol: TaskProtocol, method: str, budget: int, out, runs, seed
     facts = budget_facts(protocol, budget)
     done = _steps_done(run_dir)
     # meta_train.json is written last: without it the copy was interrupted and is redone.
-    if done >= budget and (dest / "meta_train.json").exists():
-        log(f"[{protocol.task}/{method}] meta-training done ({done} outer steps)")
+    finished = _read_json(dest / "meta_train.json").get("outer_steps", 0)
+    if max(done, 0 if run_dir.exists() else finished) >= budget and finished:
+        # (Without its run directory, e.g. in a fresh clone, a committed result of at least
+        # this budget is reused; a larger budget then starts a new run.)
+        log(f"[{protocol.task}/{method}] meta-training done ({max(done, finished)} outer steps)")
         return dest
     log(f"[{protocol.task}/{method}] meta-training to {budget} outer steps "
         f"({facts['member_steps']:,} member-steps, {100 * facts['paper_fraction']:.1f}% of the "

@@ -446,6 +446,9 @@ def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
     logs = []
     experiment.run_method(protocol, "unf", 6, out, runs, log=logs.append)
     assert "done" in logs[-1]
+    # A fresh clone has the results but no run directories: they are reused too.
+    experiment.run_method(protocol, "sgdm", 6, out, tmp_path / "no_runs", log=logs.append)
+    assert "done (6 outer steps)" in logs[-1]
     experiment.run_method(protocol, "unf", 8, out, runs, log=logs.append)
     assert "resuming from 6" in logs[-1]
     assert len(read_metrics(runs / "mlp_fmnist_tiny" / "unf")) == 8
