@@ -579,6 +579,7 @@ def learned_optimizer(name: str, params: PyTree, perm_spec: PyTree = None,
                          f"{sorted(fields)}")
     cfg = LearnedOptimizerConfig(**config)
     num_pointwise, layer_cls = _METHODS[name]
+    _check_arrays(params)  # before inferring a spec, whose errors would be less clear
     if perm_spec is None:
         if layer_cls is None:
             perm_spec = _all_none_spec(params)
@@ -591,7 +592,6 @@ def learned_optimizer(name: str, params: PyTree, perm_spec: PyTree = None,
                 raise PermSpecError(
                     f"learned optimizer {name!r} needs a permutation spec and none could be "
                     f"inferred ({type(e).__name__}: {e}); pass perm_spec=...") from e
-    _check_arrays(params)
     paths, arrays, labels = flatten_with_spec(params, perm_spec)
     label_sizes(params, perm_spec)
     signature = tuple((p, tuple(np.shape(x)), lab)
