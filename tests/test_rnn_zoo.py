@@ -1,8 +1,9 @@
 """Tests for the RNN zoo: addition data, the GRU's spec, the zoo builder, STATNN, predictors."""
 
 import dataclasses
-import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,20 +14,10 @@ import pytest
 
 from learned_opt import PermSpecError, check_perm_spec, label_sizes, permute, random_permutations
 from learned_opt.statnn import statnn_features
-from tasks import addition
+from tasks import addition, rnn_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("rnn_zoo", ROOT / "scripts" / "rnn_zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rnn_zoo"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-rnn_zoo = _load_script()
 
 TINY = rnn_zoo.ZooConfig(num_models=20, hidden=8, digits=1, steps=150, lr_min=1e-3, lr_max=3e-2,
                          batch_sizes=(32,), train_size=500, test_size=100, chunk_size=10, seed=3)
@@ -174,11 +165,16 @@ def test_predictor_keeps_an_epoch_when_validation_tau_is_undefined(tiny_zoo):
     assert res["test_pred"].shape == (2,)
 
 
-def test_predict_cli_prints_json_metrics(tiny_zoo, capsys):
+def test_predict_cli_prints_json_metrics(tiny_zoo):
     out, zoo = tiny_zoo
-    rnn_zoo.main(["predict", "--zoo", str(out), "--method", "statnn", "--epochs", "2",
-                  "--batch-size", "4"])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "rnn_zoo.py"), "predict",
+                           "--zoo", str(out), "--method", "statnn", "--epochs", "2",
+                           "--batch-size", "4"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["method"] == "statnn" and result["num_test"] == 2
     assert -1.0 <= result["kendall_tau"] <= 1.0 and np.isfinite(result["r2"])
     assert Path(result["plot"]).exists()
