@@ -35,6 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--combinations", action="store_true",
                    help="instead: build every --tasks x learned optimizer pair and run 3 PES "
                         "steps (population 4, K=2, T=4); print OK/REJECTED and the time")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where the time of a member-step goes (PES step, inner unroll, "
+                        "task only, update only, Adam) with FLOP/s against a float32 matmul "
+                        "measured in the same process (first --populations only)")
+    p.add_argument("--figure", default=None, help="with --profile: write the roofline PNG here")
     return p.parse_args(argv)
 
 
@@ -139,10 +144,327 @@ def bench_one(task_name, optimizer, population, truncation, horizon, repeats, sh
     }
 
 
+# --------------------------------------------------------------------------------------------
+# --profile: where the time of a member inner step goes, and its FLOP/s against a matmul.
+
+
+class _PlainUpdate:
+    """A hand-designed rule behind the learned-optimizer interface of ``InnerProblem``
+    (``meta_params`` ignored), so that the inner unroll can be timed without the update
+    network: ``sgd`` (the task's own share: sampling, forward, backward, p - lr g) or an
+    optax transformation."""
+
+    def __init__(self, tx):
+        self.tx = tx
+
+    def init_state(self, meta_params, params):
+        del meta_params
+        return self.tx.init(params)
+
+    def update(self, meta_params, state, grads, params, num_steps=None):
+        del meta_params, num_steps
+        return self.tx.update(grads, state, params)
+
+
+def _matmul_flops(jaxpr) -> float:
+    """FLOPs of the matrix products (dot_general, conv_general_dilated) of a closed jaxpr,
+    nested jaxprs included (scan bodies times their length).
+
+    Counted on the jaxpr rather than taken from XLA's cost analysis, which counts a fused
+    elementwise op at the size of its operand even when the fusion only computes a slice of it
+    (the unf update on transformer_lm: 352 MFLOP for the 197 MFLOP of its per-parameter
+    layers). Elementwise work is left out: it is bound by memory, not by FLOPs.
+    """
+    import math
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lc)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape  # kernel; XLA's default layout puts O first
+            dn = eqn.params["dimension_numbers"]
+            spatial = math.prod(rhs[d] for d in dn.rhs_spec[2:])
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * spatial * rhs[dn.rhs_spec[1]]
+        for sub in _subjaxprs(eqn):
+            reps = eqn.params.get("length", 1) if name == "scan" else 1
+            total += reps * _matmul_flops(sub)
+    return total
+
+
+def _subjaxprs(eqn):
+    from jax.extend import core
+
+    for v in eqn.params.values():
+        for x in (v if isinstance(v, list | tuple) else (v,)):
+            if isinstance(x, core.ClosedJaxpr):
+                yield x.jaxpr
+            elif isinstance(x, core.Jaxpr):
+                yield x
+
+
+def _flops_bytes(fn, *args):
+    """(matmul FLOPs from the jaxpr, bytes accessed from XLA's cost analysis) of ``fn``."""
+    import jax
+
+    flops = _matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per computation
+        cost = cost[0]
+    return flops, float(cost.get("bytes accessed", 0.0))
+
+
+def machine_limits(repeats=5, n=1024):
+    """Measured in this process: float32 matmul FLOP/s (one n x n x n product on one device,
+    and one per device at once, sharded) and the memory bandwidth of a sum over 64 MiB."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    key = jax.random.key(0)
+    a, b = jax.random.normal(key, (2, n, n), jnp.float32)
+    mm = jax.jit(lambda a, b: a @ b)
+    devices = np.array(jax.devices())
+    mesh = Mesh(devices, ("d",))
+    shard = NamedSharding(mesh, PartitionSpec("d"))
+    ab = jax.device_put(jnp.broadcast_to(a, (len(devices), n, n)), shard)
+    bb = jax.device_put(jnp.broadcast_to(b, (len(devices), n, n)), shard)
+    mm_all = jax.jit(lambda a, b: jnp.einsum("dij,djk->dik", a, b))
+    big = jnp.ones((1 << 24,), jnp.float32)  # 64 MiB: well outside the caches
+    add = jax.jit(jnp.sum)
+    for f, args in ((mm, (a, b)), (mm_all, (ab, bb)), (add, (big,))):
+        jax.block_until_ready(f(*args))
+    best = {"one": [], "all": [], "add": []}
+    for _ in range(repeats):
+        for k, f, args in (("one", mm, (a, b)), ("all", mm_all, (ab, bb)), ("add", add, (big,))):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                out = f(*args)
+            jax.block_until_ready(out)
+            best[k].append((time.perf_counter() - t0) / 5)
+    flop = 2.0 * n ** 3
+    return {
+        "matmul_one_flops": flop / min(best["one"]),
+        "matmul_all_flops": len(devices) * flop / min(best["all"]),
+        "bandwidth": big.size * 4 / min(best["add"]),
+    }
+
+
+def profile_task(task_name, optimizer, population, truncation, horizon, repeats, shard):
+    """Time, in interleaved rounds (minimum per part), the parts of a PES outer step.
+
+    Parts (all jitted, the population sharded as in the trainer, data passed as arguments):
+    ``pes step`` (the trainer's step), ``inner unroll`` (K inner steps of every member with the
+    learned optimizer), ``task only`` (the same unroll with the update replaced by p - lr g:
+    sampling, forward, backward), ``adam unroll`` (the same with optax.adam), ``update only``
+    (K learned-optimizer updates of every member on fixed gradients: features + f + nominal
+    term) and ``adam update only``. FLOPs per member-step are the matrix products of one
+    member's step, unvmapped (``_matmul_flops``).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from meta_train import MetaTrainConfig
+    from meta_train import train as mt
+    from meta_train.inner import InnerProblem
+
+    cfg = MetaTrainConfig(task=task_name, optimizer=optimizer, population=population,
+                          truncation=truncation, horizon=horizon, wandb="disabled", shard=shard)
+    setup = mt.build(cfg)
+    task, lopt, K, P = setup.task, setup.lopt, truncation, population
+    state = mt.init_state(setup)
+    t = 0
+    t0 = time.perf_counter()
+    state, _ = setup.step_fn(state, np.int32(t))
+    jax.block_until_ready(state)
+    compile_step = time.perf_counter() - t0
+    member = NamedSharding(setup.mesh, PartitionSpec("pop"))
+    repl = NamedSharding(setup.mesh, PartitionSpec())
+    data = jax.device_put(task.data, repl)
+    meta = jax.device_put(jax.tree.map(lambda x: jnp.broadcast_to(x, (P, *jnp.shape(x))),
+                                       setup.init_meta_params), member)
+    problem = setup.estimator.problem
+    lengths = jnp.full((P,), horizon, jnp.int32)
+
+    def unroll_of(prob):
+        inner = jax.device_put(jax.jit(prob.fresh)(meta, jax.random.key(3), lengths), member)
+        fn = jax.jit(lambda m, s, d: prob.unroll(m, s, K, d), donate_argnums=(1,))
+        box = [inner]
+
+        def run():
+            box[0], out = fn(meta, box[0], data)
+            return out.losses
+
+        return run
+
+    sgd = _PlainUpdate(optax.sgd(1e-3))
+    adam = _PlainUpdate(optax.adam(1e-3))
+    runs = {
+        "pes step": None,
+        "inner unroll": unroll_of(problem),
+        "task only": unroll_of(InnerProblem(task, sgd, problem.loss_cap)),
+        "adam unroll": unroll_of(InnerProblem(task, adam, problem.loss_cap)),
+    }
+
+    def step_run():
+        nonlocal state, t
+        t += 1
+        state, metrics = setup.step_fn(state, np.int32(t))
+        return metrics
+
+    runs["pes step"] = step_run
+
+    # Updates alone: K updates of every member on fixed gradients (no task at all).
+    params = jax.jit(jax.vmap(task.init))(jax.random.split(jax.random.key(4), P))
+    grads = jax.tree.map(lambda p: 0.01 * jnp.cos(p * 7.0 + 1.0), params)
+    params, grads = jax.device_put((params, grads), member)
+
+    def updates_of(init_state, update):
+        def many(m, s, g, p):
+            def body(carry, _):
+                s, p = carry
+                u, s = jax.vmap(update)(m, s, g, p)
+                return (s, jax.tree.map(jnp.add, p, u)), None
+
+            return jax.lax.scan(body, (s, p), None, length=K)[0]
+
+        fn = jax.jit(many)
+        s0 = jax.jit(jax.vmap(init_state))(meta, params)
+        return lambda: fn(meta, s0, grads, params)
+
+    runs["update only"] = updates_of(lopt.init_state,
+                                     lambda m, s, g, p: lopt.update(m, s, g, p, num_steps=horizon))
+    runs["adam update only"] = updates_of(adam.init_state, adam.update)
+
+    compile_s = {}
+    for k, f in runs.items():
+        if k == "pes step":
+            continue
+        t0 = time.perf_counter()
+        jax.block_until_ready(f())
+        compile_s[k] = time.perf_counter() - t0
+    jax.block_until_ready(step_run())
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(time.perf_counter() - t0)
+    sec = {k: min(v) for k, v in times.items()}
+
+    # FLOPs (matrix products) and bytes (XLA) of ONE member's step, unvmapped.
+    one = jax.tree.map(lambda x: x[0], jax.device_get(meta))
+    st1 = jax.tree.map(lambda x: x[0], jax.device_get(jax.jit(problem.fresh)(
+        jax.device_get(meta), jax.random.key(3), lengths)))
+    p1, g1 = jax.tree.map(lambda x: x[0], jax.device_get((params, grads)))
+    o1 = lopt.init_state(one, p1)
+
+    def task_step(p, key, d):
+        return jax.value_and_grad(task.loss)(p, task.sample_batch(key, data=d))
+
+    cost = {
+        "inner unroll": _flops_bytes(problem.step_one, one, st1, task.data),
+        "task only": _flops_bytes(task_step, p1, jax.random.key(0), task.data),
+        "update only": _flops_bytes(
+            lambda m, s, g, p: lopt.update(m, s, g, p, num_steps=horizon), one, o1, g1, p1),
+        "adam update only": _flops_bytes(
+            lambda s, g, p: adam.update(None, s, g, p), adam.init_state(None, p1), g1, p1),
+    }
+    cost["adam unroll"] = (cost["task only"][0] + cost["adam update only"][0],
+                           cost["task only"][1] + cost["adam update only"][1])
+    cost["pes step"] = cost["inner unroll"]
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p1))
+    return {"task": task_name, "population": P, "truncation": K, "devices": setup.mesh.size,
+            "params": n_params, "compile_step_s": compile_step, "compile_s": compile_s,
+            "sec": sec, "cost": cost}
+
+
+def print_profile(results, limits, figure=None):
+    mm = max(limits["matmul_one_flops"], limits["matmul_all_flops"])
+    print(f"\nmatmul float32 1024^3: {limits['matmul_one_flops'] / 1e9:.1f} GFLOP/s on one "
+          f"device, {limits['matmul_all_flops'] / 1e9:.1f} on all devices at once (limit: "
+          f"{mm / 1e9:.1f}); memory bandwidth (sum of 64 MiB) "
+          f"{limits['bandwidth'] / 1e9:.1f} GB/s")
+    for r in results:
+        P, K = r["population"], r["truncation"]
+        ms = {k: 1e3 * v / (P * K) for k, v in r["sec"].items()}  # per member-step
+        print(f"\n{r['task']}: {r['params']:,} parameters, population {P}, K={K}, "
+              f"{r['devices']} devices; PES step compile {r['compile_step_s']:.1f} s; "
+              f"{P * K / r['sec']['pes step']:.0f} member-steps/s")
+        header = (f"{'part':<18} {'ms/member-step':>14} {'share':>6} {'MFLOP':>8} "
+                  f"{'GFLOP/s':>8} {'% matmul':>8} {'FLOP/B':>7}")
+        print(header)
+        print("-" * len(header))
+        for k in ("pes step", "inner unroll", "task only", "update only", "adam unroll",
+                  "adam update only"):
+            fl, by = r["cost"][k]
+            rate = fl / (ms[k] * 1e-3)
+            print(f"{k:<18} {ms[k]:>14.3f} {ms[k] / ms['pes step']:>6.0%} {fl / 1e6:>8.2f} "
+                  f"{rate / 1e9:>8.2f} {rate / mm:>8.1%} {fl / max(by, 1):>7.2f}")
+        print(f"estimator overhead (pes step / inner unroll - 1): "
+              f"{r['sec']['pes step'] / r['sec']['inner unroll'] - 1:+.1%}; "
+              f"unf update / adam update: "
+              f"{r['sec']['update only'] / r['sec']['adam update only']:.1f}x; "
+              f"pes member-step / adam member-step: "
+              f"{r['sec']['pes step'] / r['sec']['adam unroll']:.1f}x")
+    if figure:
+        roofline_figure(results, limits, figure)
+
+
+def roofline_figure(results, limits, path):
+    """Achieved FLOP/s against arithmetic intensity, under the measured matmul and bandwidth
+    roofs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    mm = max(limits["matmul_one_flops"], limits["matmul_all_flops"]) / 1e9
+    bw = limits["bandwidth"] / 1e9
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = np.logspace(-1.5, 2.5, 100)
+    ax.plot(xs, np.minimum(mm, bw * xs), "k-", lw=1)
+    ax.text(xs[-1], mm * 1.08, f"f32 matmul {mm:.0f} GFLOP/s", ha="right", fontsize=8)
+    ax.text(0.05, bw * 0.05 * 1.3, f"{bw:.0f} GB/s", fontsize=8, rotation=30)
+    markers = {"inner unroll": "o", "task only": "s", "update only": "^"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(results):
+        P, K = r["population"], r["truncation"]
+        for part, m in markers.items():
+            fl, by = r["cost"][part]
+            rate = fl * P * K / r["sec"][part] / 1e9
+            ax.loglog(fl / by, rate, m, color=colors[i % len(colors)],
+                      label=f"{r['task']}: {part}")
+    ax.set_xlabel("arithmetic intensity (matmul FLOP / byte accessed per XLA, one member-step)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(f"Inner step of unf meta-training, population {results[0]['population']}, "
+                 f"K={results[0]['truncation']}", fontsize=10)
+    ax.legend(fontsize=6, ncol=2, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.combinations:
         check_combinations(args.tasks, not args.no_shard)
+        return
+    if args.profile:
+        limits = machine_limits()
+        results = [profile_task(t, args.optimizer, args.populations[0], args.truncation,
+                                args.horizon, args.repeats, not args.no_shard)
+                   for t in args.tasks]
+        print_profile(results, limits, args.figure)
         return
     import jax
 

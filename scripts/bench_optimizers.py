@@ -145,8 +145,10 @@ def speed_table(task_names, methods, steps, repeats):
                   f"{r['floats_per_param']:.2f} |", flush=True)
 
 
-def profile_table(name, repeats):
-    """Where the time of one ``unf`` update goes (each part jitted alone, beside Adam)."""
+def profile_table(name, repeats, members=1):
+    """Where the time of one ``unf`` update goes (each part jitted alone, beside Adam);
+    ``members > 1``: every part vmapped over that many members (one device), as in
+    meta-training, times per member."""
     import flax.linen as nn
 
     from learned_opt import features as feats
@@ -183,7 +185,16 @@ def profile_table(name, repeats):
                                      (v_last, hidden)),
         "whole unf update": (lopt.update, (meta, state, grads, params)),
     }
+    if members > 1:  # every member with its own copy of every argument, as in meta-training
+        stack = lambda t: jax.tree.map(  # noqa: E731
+            lambda x: jnp.array(jnp.broadcast_to(x, (members, *jnp.shape(x)))), t)
+        parts = {k: (jax.vmap(f), stack(a)) for k, (f, a) in parts.items()}
     jitted = {k: (jax.jit(f), a) for k, (f, a) in parts.items()}
+    mflop = {}
+    for k, (f, a) in jitted.items():  # XLA's cost analysis, per member
+        cost = f.lower(*a).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        mflop[k] = float(cost.get("flops", 0.0)) / 1e6 / members
     for f, a in jitted.values():
         jax.block_until_ready(f(*a))
     times = {k: [] for k in jitted}
@@ -193,16 +204,19 @@ def profile_table(name, repeats):
             for _ in range(10):
                 out = f(*a)
             jax.block_until_ready(out)
-            times[k].append((time.perf_counter() - t0) / 10)
+            times[k].append((time.perf_counter() - t0) / 10 / members)
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     per_param = 2 * ((2 + len(c.momentum_decays)) * c.hidden_features
                      + (c.num_layers - 2) * c.hidden_features ** 2 + c.hidden_features)
     print(f"\n## Profile of one unf update on {name} ({n:,} parameters; per-parameter layers: "
-          f"{per_param:,} FLOP per parameter = {per_param * n / 1e6:.1f} MFLOP per step)\n")
-    print("| part | ms (minimum over rounds) |")
-    print("|---|---|")
+          f"{per_param:,} FLOP per parameter = {per_param * n / 1e6:.1f} MFLOP per step"
+          f"{f'; vmapped over {members} members, ms per member' if members > 1 else ''})\n")
+    print("| part | ms (minimum over rounds) | / adam | MFLOP (XLA) | GFLOP/s |")
+    print("|---|---|---|---|---|")
+    adam_ms = min(times["optax.adam update"])
     for k, v in times.items():
-        print(f"| {k} | {1e3 * min(v):.3f} |")
+        print(f"| {k} | {1e3 * min(v):.3f} | {min(v) / adam_ms:.1f} | {mflop[k]:.2f} | "
+              f"{mflop[k] / 1e3 / min(v):.1f} |")
 
 
 def main():
@@ -214,12 +228,14 @@ def main():
     ap.add_argument("--counts-only", action="store_true", help="only the count table")
     ap.add_argument("--profile", nargs="*", default=[], metavar="TASK",
                     help="only profile the parts of a unf update on these tasks")
+    ap.add_argument("--members", type=int, default=1,
+                    help="with --profile: vmap every part over this many members")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
           f"devices {jax.devices()}, numpy {np.__version__}")
     if args.profile:
         for name in args.profile:
-            profile_table(name, args.repeats)
+            profile_table(name, args.repeats, args.members)
         return
     count_table(args.tasks, args.methods)
     if not args.counts_only:

@@ -12,14 +12,19 @@ Usage:
       --steps 5 --repeats 2 --lax-members 1 16
   .venv/bin/python scripts/bench_tasks.py --tasks mlp_fmnist --members 1 16 --steps 20
   .venv/bin/python scripts/bench_tasks.py --members 1 --lax-members --train-steps 2000
+  .venv/bin/python scripts/bench_tasks.py --compare-matmul --members 8   # matmul_impl paths
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 import tasks
@@ -102,6 +107,43 @@ def train_check(task, steps: int, learning_rate: float, max_examples: int) -> di
             "train_last": float(losses[-max(1, steps // 10):].mean())}
 
 
+def with_model(task, **changes):
+    """A shallow copy of ``task`` whose model has these fields changed (same parameters)."""
+    other = copy.copy(task)
+    other.model = dataclasses.replace(task.model, **changes)
+    return other
+
+
+def compare_matmul(task, members: int, steps: int, repeats: int) -> dict:
+    """The task's step with ``matmul_impl="flax"`` (JAX's transpose rules, the previous path)
+    against the default ``"vjp"`` (tasks.models.matmul), in this process: the largest
+    difference of the gradients of every member, and the time per step of each path (minimum
+    over interleaved rounds)."""
+    old, new = with_model(task, matmul_impl="flax"), with_model(task, matmul_impl="vjp")
+    keys = jax.random.split(jax.random.key(0), members)
+    params = jax.vmap(task.init)(keys)
+    batch = jax.vmap(lambda k: task.sample_batch(k))(keys)
+    grad = lambda t: jax.jit(jax.vmap(jax.value_and_grad(t.loss)))  # noqa: E731
+    (l_old, g_old), (l_new, g_new) = grad(old)(params, batch), grad(new)(params, batch)
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+               zip(jax.tree.leaves(g_old), jax.tree.leaves(g_new), strict=True))
+    scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(g_old))
+    runs = {}
+    for label, t in (("flax", old), ("vjp", new)):
+        fn = make_unroll(t, members, steps).lower(params, jax.random.key(1), task.data).compile()
+        jax.block_until_ready(fn(params, jax.random.key(2), task.data))
+        runs[label] = fn
+    times = {label: [] for label in runs}
+    for r in range(repeats):
+        for label, fn in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, jax.random.key(3 + r), task.data))
+            times[label].append(time.perf_counter() - start)
+    ms = {label: 1e3 * min(v) / steps / members for label, v in times.items()}
+    return {"loss_diff": float(np.max(np.abs(l_old - l_new))), "grad_diff": diff,
+            "grad_scale": scale, "ms": ms}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+",
@@ -115,7 +157,25 @@ def main(argv=None):
                         help="also train each task with Adam for this many steps (0: skip)")
     parser.add_argument("--train-lr", type=float, default=3e-3)
     parser.add_argument("--data-dir", default=None, help="offline data (default $LOPT_DATA_DIR)")
+    parser.add_argument("--compare-matmul", action="store_true",
+                        help="instead: matmul_impl 'flax' (previous path) against 'vjp' "
+                             "(default) at the last --members, same process")
     args = parser.parse_args(argv)
+
+    if args.compare_matmul:
+        members = args.members[-1]
+        print(f"jax {jax.__version__}, {members} members vmapped on one device, {args.steps} "
+              f"steps per call, best of {args.repeats} interleaved rounds")
+        print("| task | ms / member-step, flax | vjp | speed-up | max abs grad diff "
+              "(max abs grad) | loss diff |")
+        print("|---|---|---|---|---|---|")
+        for name in args.tasks:
+            task = tasks.get_task(name, data_dir=args.data_dir)
+            r = compare_matmul(task, members, args.steps, args.repeats)
+            print(f"| {name} | {r['ms']['flax']:.3f} | {r['ms']['vjp']:.3f} | "
+                  f"{r['ms']['flax'] / r['ms']['vjp']:.2f}x | {r['grad_diff']:.1e} "
+                  f"({r['grad_scale']:.1e}) | {r['loss_diff']:.1e} |", flush=True)
+        return
 
     variants = []
     for name in args.tasks:

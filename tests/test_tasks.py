@@ -272,3 +272,35 @@ def test_language_batches_are_teacher_forced_windows_of_the_corpus():
     np.testing.assert_array_equal(labels[:, :-1], inputs[:, 1:])
     for row_in, row_lab in zip(inputs, labels, strict=True):
         assert bytes(row_in.astype(np.uint8)) + bytes(row_lab[-1:].astype(np.uint8)) in corpus
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_custom_vjp_matmuls_equal_the_flax_path(name):
+    """matmul_impl="vjp" (the default, tasks.models.matmul) computes the same parameters, loss
+    and gradients as "flax" (nn.Dense and JAX's transpose rules), also vmapped over members."""
+    import copy
+    import dataclasses
+
+    task = get(name)
+    old = copy.copy(task)
+    old.model = dataclasses.replace(task.model, matmul_impl="flax")
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = jax.vmap(task.init)(keys)
+    assert jax.tree.structure(old.model.init(keys[0], task.dummy_inputs())["params"]) == \
+        jax.tree.structure(task.model.init(keys[0], task.dummy_inputs())["params"])
+    batch = jax.vmap(lambda k: task.sample_batch(k))(keys)
+    grad = lambda t: jax.jit(jax.vmap(jax.value_and_grad(t.loss)))(params, batch)  # noqa: E731
+    (l_old, g_old), (l_new, g_new) = grad(old), grad(task)
+    np.testing.assert_allclose(l_new, l_old, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_old), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_matmul_gradient_is_the_plain_one():
+    from tasks.models import matmul
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+    w = jax.random.normal(jax.random.key(1), (2, 4, 6))
+    f = lambda mm: jax.vmap(jax.grad(lambda x, w: jnp.sin(mm(x, w)).sum(), (0, 1)))  # noqa: E731
+    for a, b in zip(f(matmul)(x, w), f(jnp.matmul)(x, w), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
