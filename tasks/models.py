@@ -39,7 +39,7 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     layout XLA gets. For the RNN task's output layer under the population vmap, JAX's rules let
     XLA's CPU backend pick a weight-gradient dot that first transposes the (tokens x 256)
     output gradient and runs 3x slower than the forward product; with this one the task's
-    forward + backward took 0.65x the time (``scripts/bench_tasks.py --compare-matmul``).
+    forward + backward took 0.67x the time (``scripts/bench_tasks.py --compare-matmul``).
     """
     return x @ w
 
