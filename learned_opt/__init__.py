@@ -6,7 +6,7 @@ with an inner-loop interface and an optax adapter, checkpoints, and hand-designe
 
 from learned_opt import hand_designed
 from learned_opt.check import check_perm_spec
-from learned_opt.checkpoint import CheckpointError, load, load_optax, save
+from learned_opt.checkpoint import CheckpointError, list_pretrained, load, load_optax, save
 from learned_opt.deepset import DeepSetLinear
 from learned_opt.infer import infer_perm_spec
 from learned_opt.nfn import NFNLinear
@@ -14,7 +14,9 @@ from learned_opt.optimizers import (
     LearnedOptimizer,
     LearnedOptimizerConfig,
     LearnedOptimizerState,
+    agnostic_optax,
     learned_optimizer,
+    list_agnostic_optimizers,
     list_optimizers,
 )
 from learned_opt.spec import (
@@ -26,6 +28,7 @@ from learned_opt.spec import (
 )
 from learned_opt.statnn import statnn_features
 from learned_opt.unf import UNF, InvariantUNF, UNFLinear, num_basis_terms
+from learned_opt.universal import UniversalDeepSetLinear, UniversalUNFLinear
 
 __all__ = [
     # Permutation specs.
@@ -43,6 +46,8 @@ __all__ = [
     "num_basis_terms",
     "DeepSetLinear",
     "NFNLinear",
+    "UniversalUNFLinear",
+    "UniversalDeepSetLinear",
     "statnn_features",
     # Learned optimizers.
     "LearnedOptimizer",
@@ -50,6 +55,9 @@ __all__ = [
     "LearnedOptimizerState",
     "learned_optimizer",
     "list_optimizers",
+    "list_agnostic_optimizers",
+    "agnostic_optax",
+    "list_pretrained",
     "save",
     "load",
     "load_optax",

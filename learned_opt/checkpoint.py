@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learned_opt.optimizers import LearnedOptimizer, learned_optimizer
+from learned_opt.optimizers import LearnedOptimizer, agnostic_optax, learned_optimizer
 from learned_opt.spec import is_spec_leaf
 
 FORMAT = "learned_opt.optimizer"
@@ -167,8 +167,9 @@ def _read_header(path) -> dict:
 
 
 def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, dict[str, Any]]:
-    """Read a checkpoint written by :func:`save`: returns ``(lopt, meta_params)``."""
-    path = os.fspath(path)
+    """Read a checkpoint written by :func:`save` (or a shipped optimizer's name): returns
+    ``(lopt, meta_params)``, ``lopt`` built for the weight space it was saved with."""
+    path = resolve(path)
     header = _read_header(path)
     try:
         leaves = [(list(e["keys"]), tuple(e["shape"]), tuple(e["labels"]))
@@ -199,14 +200,61 @@ def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, dict[str, Any]]:
     return lopt, meta
 
 
-def load_optax(path: str | os.PathLike, num_steps: int | None = None
-               ) -> optax.GradientTransformationExtraArgs:
-    """The checkpoint at ``path`` as an optax optimizer (its ``update`` needs ``params``).
+PRETRAINED_DIR = os.path.join(os.path.dirname(__file__), "pretrained")
 
-    The optimizer accepts parameters with the checkpoint's structure at other label sizes and
-    raises ``PermSpecError`` naming the first mismatching leaf otherwise. ``num_steps`` (the
-    run's total number of steps) is required by optimizers meta-trained with training progress
-    (``progress_centres``) and ignored by the others.
+
+def list_pretrained() -> list[str]:
+    """Names of the optimizers shipped with the package (``load_optax(name)`` loads one).
+
+    Their model card is docs/pretrained.md: what each was meta-trained on, with what budget, and
+    how it does against tuned Adam.
     """
-    lopt, meta = load(path)
-    return lopt.as_optax(meta, num_steps=num_steps)
+    if not os.path.isdir(PRETRAINED_DIR):
+        return []
+    return sorted(d for d in os.listdir(PRETRAINED_DIR)
+                  if os.path.isfile(os.path.join(PRETRAINED_DIR, d, JSON_FILE)))
+
+
+def resolve(name_or_dir: str | os.PathLike) -> str:
+    """The checkpoint directory of a shipped optimizer's name, or ``name_or_dir`` itself."""
+    text = os.fspath(name_or_dir)
+    if os.path.isdir(text):
+        return text
+    if text in list_pretrained():
+        return os.path.join(PRETRAINED_DIR, text)
+    if os.sep not in text and not text.startswith("."):
+        raise CheckpointError(f"{text!r} is neither a checkpoint directory nor a shipped "
+                              f"optimizer; shipped: {list_pretrained()}")
+    return text  # load reports the missing directory
+
+
+def load_optax(name_or_dir: str | os.PathLike, perm_spec=None, num_steps: int | None = None
+               ) -> optax.GradientTransformationExtraArgs:
+    """A checkpoint, or a shipped optimizer by name, as an optax optimizer.
+
+    Its ``update`` needs ``params``: ``tx.update(grads, opt_state, params)``.
+
+    * Weight-space-agnostic methods (``learned_opt.list_agnostic_optimizers()``, all shipped
+      optimizers): any weight space; ``init(params)`` uses ``perm_spec``, or infers one with
+      ``learned_opt.infer_perm_spec`` (``PermSpecError`` asking for a spec when it cannot).
+    * The others: the checkpoint's structure at any label sizes; parameters named differently
+      (``nn.Sequential``) are accepted when the structure is the same
+      (``LearnedOptimizer.rekey``); ``PermSpecError`` naming the first mismatching leaf
+      otherwise.
+
+    ``num_steps`` (the run's total number of steps) is required by optimizers meta-trained with
+    training progress (``progress_centres``) and ignored by the others.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, learned_opt
+      >>> tx = learned_opt.load_optax(learned_opt.list_pretrained()[0], num_steps=100)
+      >>> params = {"Dense_0": {"kernel": jnp.ones((4, 16)), "bias": jnp.zeros(16)},
+      ...           "Dense_1": {"kernel": jnp.ones((16, 3)), "bias": jnp.zeros(3)}}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    """
+    lopt, meta = load(resolve(name_or_dir))
+    if lopt.agnostic:
+        return agnostic_optax(lopt.name, meta, perm_spec, num_steps,
+                              **dataclasses.asdict(lopt.config))
+    return lopt.as_optax(meta, num_steps=num_steps, perm_spec=perm_spec)

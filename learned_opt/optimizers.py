@@ -14,10 +14,16 @@ Methods differ only in ``f``:
 * ``deepset``: 3 per-parameter Dense layers (19->32->32->32, ReLU), then ``DeepSetLinear(1)``;
 * ``unf``: 3 per-parameter Dense layers, then ``UNFLinear(1)`` (the paper's UNF optimizer);
 * ``unf_deep``: 4 ``UNFLinear`` layers (19->32->32->32->1, ReLU);
-* ``nfn``: 3 per-parameter Dense layers, then ``NFNLinear(1)`` (MLP and CNN weight spaces).
+* ``nfn``: 3 per-parameter Dense layers, then ``NFNLinear(1)`` (MLP and CNN weight spaces);
+* ``unf_universal``: 3 per-parameter Dense layers, then ``UniversalUNFLinear(1)``, whose
+  coefficients are shared by map type (:mod:`learned_opt.universal`);
+* ``deepset_universal``: the same with ``UniversalDeepSetLinear(1)``.
 
-The weight space's structure (leaf paths, ranks, spec labels) is fixed when the optimizer is
-built; label sizes are not, so an optimizer built on a 32-unit MLP updates a 128-unit MLP.
+A ``LearnedOptimizer`` is built for one weight-space structure (leaf paths, ranks, spec labels);
+label sizes are free, so an optimizer built on a 32-unit MLP updates a 128-unit MLP. The
+meta-parameters of the *weight-space-agnostic* methods (:func:`list_agnostic_optimizers`) have
+the same shapes for every weight space, so one set of them trains any architecture:
+:func:`agnostic_optax` builds the per-structure optimizer on first use.
 
 Example:
   >>> import jax, jax.numpy as jnp, learned_opt
@@ -60,6 +66,7 @@ from learned_opt.spec import (
     spec_leaves,
 )
 from learned_opt.unf import UNFLinear
+from learned_opt.universal import UniversalDeepSetLinear, UniversalUNFLinear
 
 PyTree = Any
 
@@ -72,7 +79,11 @@ _METHODS: dict[str, tuple[int, Callable | None]] = {
     "unf": (-1, UNFLinear),
     "unf_deep": (0, UNFLinear),
     "nfn": (-1, NFNLinear),
+    "unf_universal": (-1, UniversalUNFLinear),
+    "deepset_universal": (-1, UniversalDeepSetLinear),
 }
+# Methods whose meta-parameters do not depend on the weight space (no per-leaf parameters).
+_AGNOSTIC = ("sgdm", "unf_universal", "deepset_universal")
 
 FIXED_AXES_MODES = ("relax", "channels")
 # How the network term is scaled before it joins the nominal momentum (see the config).
@@ -82,6 +93,11 @@ NETWORK_SCALES = ("none", "momentum_rms", "normalised")
 def list_optimizers() -> list[str]:
     """Names accepted by :func:`learned_optimizer`."""
     return sorted(_METHODS)
+
+
+def list_agnostic_optimizers() -> list[str]:
+    """Methods whose meta-parameters fit every weight space (:func:`agnostic_optax`)."""
+    return sorted(_AGNOSTIC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +325,11 @@ class LearnedOptimizer:
     signature: tuple[tuple[str, tuple[int, ...], tuple], ...]
     network: UpdateNetwork | None
 
+    @property
+    def agnostic(self) -> bool:
+        """Whether the meta-parameters fit every weight space (see :func:`agnostic_optax`)."""
+        return self.name in _AGNOSTIC
+
     # ------------------------------------------------------------------ checks
     def check_params(self, params: PyTree, what: str = "params") -> None:
         """Raise ``PermSpecError`` naming the first leaf where ``params`` differ in structure.
@@ -486,13 +507,14 @@ class LearnedOptimizer:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
 
     # ------------------------------------------------------------------ optax
-    def as_optax(self, meta_params: dict[str, Any], num_steps: int | None = None
-                 ) -> optax.GradientTransformationExtraArgs:
+    def as_optax(self, meta_params: dict[str, Any], num_steps: int | None = None,
+                 perm_spec: PyTree = None) -> optax.GradientTransformationExtraArgs:
         """An optax optimizer with these meta-parameters; its ``update`` needs ``params``.
 
         ``num_steps``: the total number of steps of the run, required by optimizers with
         ``progress_centres`` (they schedule their steps over it; steps past it reuse the last
-        step's schedule); ignored by the others.
+        step's schedule); ignored by the others. ``perm_spec``: the spec of the parameters it
+        will get, used only when their names differ from the optimizer's (:meth:`rekey`).
 
         Example::
 
@@ -503,7 +525,7 @@ class LearnedOptimizer:
         self._check_num_steps(num_steps)
 
         def init_fn(params):
-            return self.init_state(meta_params, params)
+            return self.init_state(meta_params, self.rekey(params, perm_spec))
 
         def update_fn(updates, state, params=None, **extra_args):
             del extra_args
@@ -511,15 +533,70 @@ class LearnedOptimizer:
                 raise ValueError(
                     f"learned optimizer {self.name!r} needs the current parameters: call "
                     "tx.update(grads, opt_state, params)")
-            return self.update(meta_params, state, updates, params, num_steps)
+            out, state = self.update(meta_params, state, self.rekey(updates, perm_spec),
+                                     self.rekey(params, perm_spec), num_steps)
+            return jax.tree.unflatten(jax.tree.structure(updates), jax.tree.leaves(out)), state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def rekey(self, params: PyTree, perm_spec: PyTree = None) -> PyTree:
+        """``params`` in this optimizer's own tree when they differ from it only in names.
+
+        A model written another way (``nn.Sequential``'s ``layers_0`` for ``Dense_0``, another
+        module name) has the same weight space when its leaves, in flattening order, have the
+        same ranks, the same fixed-axis sizes and the same spec up to renaming the labels.
+        ``perm_spec`` is the spec of ``params`` (default: inferred). Raises ``PermSpecError``
+        saying what differs otherwise.
+        """
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        paths = [path_str(p) for p, _ in flat]
+        if paths == [p for p, _, _ in self.signature]:
+            return params
+        mine = [p for p, _, _ in self.signature]
+        if len(flat) != len(self.signature):
+            raise PermSpecError(
+                f"params have {len(flat)} leaves, the optimizer was built for "
+                f"{len(self.signature)} ({mine[:4]}...): another architecture. A learned "
+                f"optimizer bound to one weight space cannot train it; the weight-space-agnostic "
+                f"methods {list_agnostic_optimizers()} can")
+        for (path, shape, _), gpath, (_, x) in zip(self.signature, paths, flat, strict=True):
+            if len(np.shape(x)) != len(shape):
+                raise PermSpecError(
+                    f"params leaf {gpath} has rank {len(np.shape(x))} where the optimizer's leaf "
+                    f"{path} (same position) has rank {len(shape)}: another architecture")
+        if perm_spec is None:
+            from learned_opt.infer import infer_perm_spec
+
+            try:
+                perm_spec = infer_perm_spec(params)
+            except PermSpecError as e:
+                raise PermSpecError(
+                    f"params are named differently from the optimizer's weight space ({paths[0]} "
+                    f"for {mine[0]}, ...) and no spec could be inferred to check that they are the "
+                    f"same structure ({e}); pass perm_spec=") from e
+        theirs = _canonical_labels([lab for _, lab in spec_leaves(perm_spec)])
+        ours = _canonical_labels([lab for _, _, lab in self.signature])
+        for k, (a, b) in enumerate(zip(theirs, ours, strict=True)):
+            if a != b:
+                raise PermSpecError(
+                    f"params leaf {paths[k]} has spec pattern {a}, the optimizer's leaf {mine[k]} "
+                    f"(same position) has {b} (labels numbered by first appearance): the two "
+                    "weight spaces are wired differently")
+        return jax.tree.unflatten(jax.tree.structure(self.perm_spec, is_leaf=is_spec_leaf),
+                                  [x for _, x in flat])
 
     def num_meta_params(self, meta_params: dict[str, Any] | None = None) -> int:
         """Number of meta-parameters (alpha, decay and beta included)."""
         if meta_params is None:
             meta_params = jax.eval_shape(self.init, jax.random.key(0))
         return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(meta_params))
+
+
+def _canonical_labels(labels: list[tuple]) -> list[tuple]:
+    """Labels renamed 0, 1, ... in order of first appearance (``None`` kept)."""
+    ids: dict = {}
+    return [tuple(None if lab is None else ids.setdefault(lab, len(ids)) for lab in labs)
+            for labs in labels]
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -578,6 +655,10 @@ def learned_optimizer(name: str, params: PyTree, perm_spec: PyTree = None,
         raise ValueError(f"unknown option(s) {unknown} for learned_optimizer; valid: "
                          f"{sorted(fields)}")
     cfg = LearnedOptimizerConfig(**config)
+    if name in _AGNOSTIC and name != "sgdm" and cfg.fixed_axes != "relax":
+        raise ValueError(f"learned optimizer {name!r} is weight-space agnostic: it treats fixed "
+                         f"axes as permuted on their own; fixed_axes={cfg.fixed_axes!r} would "
+                         "tie its meta-parameters to their sizes (use 'relax')")
     num_pointwise, layer_cls = _METHODS[name]
     _check_arrays(params)  # before inferring a spec, whose errors would be less clear
     if perm_spec is None:
@@ -614,3 +695,58 @@ def learned_optimizer(name: str, params: PyTree, perm_spec: PyTree = None,
                                 + (" (nfn supports MLP and CNN weight spaces only)"
                                    if name == "nfn" else "") + f": {e}") from e
     return lopt
+
+
+def agnostic_optax(name: str, meta_params: dict[str, Any], perm_spec: PyTree = None,
+                   num_steps: int | None = None, **config: Any
+                   ) -> optax.GradientTransformationExtraArgs:
+    """A weight-space-agnostic learned optimizer as an optax optimizer for ANY weight space.
+
+    Args:
+      name: one of :func:`list_agnostic_optimizers`.
+      meta_params: its meta-parameters (from any weight space: their shapes do not depend on it).
+      perm_spec: the permutation spec of the parameters it will train; ``None``: inferred from
+        them by ``learned_opt.infer_perm_spec`` at ``init`` (``PermSpecError`` saying to pass
+        one when that fails, e.g. for attention or residual connections).
+      num_steps: the run's total number of steps (optimizers with ``progress_centres``).
+      **config: the optimizer's :class:`LearnedOptimizerConfig` fields.
+
+    ``init(params)`` builds the optimizer for the structure of ``params`` (once per structure);
+    ``update(grads, state, params)`` needs the parameters.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, learned_opt
+      >>> small = {"d0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+      >>> meta = learned_optimizer("unf_universal", small).init(jax.random.key(0))
+      >>> big = {"Dense_0": {"kernel": jnp.ones((5, 8)), "bias": jnp.zeros(8)},
+      ...        "Dense_1": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
+      >>> tx = agnostic_optax("unf_universal", meta)
+      >>> state = tx.init(big)
+      >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, big), state, big)
+      >>> updates["Dense_1"]["kernel"].shape
+      (8, 2)
+    """
+    if name not in _AGNOSTIC:
+        raise ValueError(f"{name!r} binds its meta-parameters to one weight space; the "
+                         f"weight-space-agnostic methods are {list_agnostic_optimizers()}")
+    built: dict = {}
+
+    def lopt_for(params) -> LearnedOptimizer:
+        flat, treedef = jax.tree_util.tree_flatten(params)
+        key = (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in flat))
+        if key not in built:
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+            built[key] = learned_optimizer(name, shapes, perm_spec, **config)
+        return built[key]
+
+    def init_fn(params):
+        return lopt_for(params).init_state(meta_params, params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(f"learned optimizer {name!r} needs the current parameters: call "
+                             "tx.update(grads, opt_state, params)")
+        return lopt_for(params).update(meta_params, state, updates, params, num_steps)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

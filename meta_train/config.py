@@ -41,8 +41,11 @@ def _field(default, help: str, **kw):
 class MetaTrainConfig:
     """Options of one meta-training run; see each field's ``help``."""
 
-    task: str = _field("mlp_fmnist", "task name (tasks.list_tasks())")
-    task_args: dict = _field({}, "task config overrides, KEY=VALUE (VALUE parsed as JSON)")
+    task: str = _field("mlp_fmnist", "task name (tasks.list_tasks()), or several separated by "
+                       "commas: one weight-space-agnostic optimizer meta-trained on all of them, "
+                       "the population split evenly across them")
+    task_args: dict = _field({}, "task config overrides, KEY=VALUE (VALUE parsed as JSON); with "
+                             "several tasks, TASK={...} per task")
     optimizer: str = _field("unf", "learned optimizer method (learned_opt.list_optimizers())")
     optimizer_args: dict = _field({}, "learned optimizer config overrides, KEY=VALUE")
     estimator: str = _field("pes", "meta-gradient estimator: pes (truncated) or es (full unroll)")
@@ -104,6 +107,22 @@ class MetaTrainConfig:
                 "objective 'final' with estimator 'pes' needs fitness_shaping 'raw' (only the "
                 "truncations that end an episode are scored)"
             )
+        names = self.task_names
+        if len(names) != len(set(names)) or not all(names):
+            raise ConfigError(f"task must list distinct task names, got {self.task!r}")
+        if len(names) > 1:
+            bad = sorted(set(self.task_args) - set(names))
+            if bad or not all(isinstance(v, dict) for v in self.task_args.values()):
+                raise ConfigError(
+                    f"with several tasks, task_args must be TASK={{...}} for tasks among {names}; "
+                    f"got {self.task_args}")
+            if (self.population // 2) % len(names):
+                raise ConfigError(
+                    f"population ({self.population}) must be 2 x a multiple of the number of "
+                    f"tasks ({len(names)}): each task gets whole antithetic pairs")
+            if self.loss_cap:
+                raise ConfigError("with several tasks the loss cap is automatic (3x each task's "
+                                  "initial loss): leave loss_cap at 0")
         if self.snapshot_every < 0:
             raise ConfigError(f"snapshot_every must be >= 0 (0: none), got {self.snapshot_every}")
         for name in ("std", "outer_lr", "clip"):
@@ -113,6 +132,17 @@ class MetaTrainConfig:
         if not (math.isfinite(self.loss_cap) and self.loss_cap >= 0):
             raise ConfigError(
                 f"loss_cap must be a finite number >= 0 (0: automatic), got {self.loss_cap}")
+
+    @property
+    def task_names(self) -> list[str]:
+        """The task, or the tasks of a multi-task run, in order."""
+        return [t.strip() for t in self.task.split(",")]
+
+    def args_of(self, task: str) -> dict:
+        """The task config overrides of ``task``."""
+        if len(self.task_names) == 1:
+            return self.task_args
+        return self.task_args.get(task, {})
 
     # Fields that define the trajectory: a resumed run must keep them.
     RUN_FIELDS = (

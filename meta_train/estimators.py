@@ -198,7 +198,7 @@ class _Base:
             "grad_norm": grad_norm,
             "update_skipped": skipped.astype(jnp.int32),
             "fitness_mean": fitness_raw.mean(),
-        }
+        } | self.problem.metrics(out)
 
 
 class PES(_Base):
@@ -254,14 +254,15 @@ class PES(_Base):
     def first_lengths(self, key: jax.Array | None = None) -> jax.Array:
         """Horizon of each member's first episode: staggered per antithetic pair.
 
-        Pair ``p`` of ``P`` starts with an episode shortened by ``floor(p * L / P)`` (rounded
+        Pair ``p`` of ``P`` (the pairs of its task, with several tasks) starts with an episode
+        shortened by ``floor(p * L / P)`` (rounded
         down to a multiple of K), ``L`` its drawn length (``sample_lengths``).
         """
         full = (jnp.full((self.population,), self.horizon, jnp.int32) if key is None
                 else self.sample_lengths(key))
-        half = self.population // 2
-        pair = jnp.arange(self.population) % half
-        offset = (pair * full // half) // self.truncation * self.truncation
+        # Pair positions among the pairs that train the same task (all pairs for one task).
+        pair, num_pairs = self.problem.pair_positions(self.population)
+        offset = (pair * full // num_pairs) // self.truncation * self.truncation
         return (full - offset).astype(jnp.int32)
 
     def init(self, key: jax.Array, meta_params: PyTree) -> EstimatorState:

@@ -77,6 +77,16 @@ class InnerProblem:
         self.lopt = lopt
         self.loss_cap = float(loss_cap)
 
+    def pair_positions(self, num_members: int) -> tuple[jax.Array, jax.Array]:
+        """Each member's antithetic-pair index and the number of pairs (for staggering)."""
+        half = num_members // 2
+        return jnp.arange(num_members) % half, jnp.full((num_members,), half)
+
+    def metrics(self, out: UnrollOutput) -> dict[str, jax.Array]:
+        """Extra metrics of an unroll (none for one task; ``MultiTaskProblem`` adds per task)."""
+        del out
+        return {}
+
     def init(self, meta_params: PyTree, num_members: int) -> InnerState:
         """A population of placeholder runs that are all due for a reset (step == length == 0).
 

@@ -45,6 +45,7 @@ from meta_train import checkpoint
 from meta_train.config import ConfigError, MetaTrainConfig
 from meta_train.estimators import ESTIMATORS, EstimatorState, outer_optimizer
 from meta_train.inner import InnerProblem
+from meta_train.multitask import MultiTaskProblem
 from meta_train.tracking import MetricsLogger, offline_run_hint
 
 PyTree = Any
@@ -53,9 +54,9 @@ PyTree = Any
 class Setup(NamedTuple):
     """Everything built from a config (``build``); reusable across runs of the same config."""
 
-    config: MetaTrainConfig  # with ``loss_cap`` resolved
-    task: Any
-    lopt: Any
+    config: MetaTrainConfig  # with ``loss_cap`` resolved (one task)
+    task: Any  # the (first) task
+    lopt: Any  # its learned optimizer (the meta-parameters fit every task's)
     estimator: Any  # meta_train.estimators.PES or FullES
     mesh: Mesh
     init_meta_params: PyTree
@@ -81,30 +82,67 @@ def step_key(seed: int, t) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 2), t)
 
 
-def build_task(config: MetaTrainConfig):
+def build_task(config: MetaTrainConfig, name: str | None = None):
+    """The task ``name`` (default: the config's only task) with its overrides."""
+    name = config.task_names[0] if name is None else name
     names = tasks.list_tasks()
-    if config.task not in names:
-        raise ConfigError(f"unknown task {config.task!r}; choose one of {names}")
+    if name not in names:
+        raise ConfigError(f"unknown task {name!r}; choose one of {names}")
     try:
-        return tasks.get_task(config.task, **config.task_args)
+        return tasks.get_task(name, **config.args_of(name))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"task {config.task!r} rejected task_args {config.task_args}: {e}") from e
+        raise ConfigError(
+            f"task {name!r} rejected task_args {config.args_of(name)}: {e}") from e
 
 
-def build_optimizer(config: MetaTrainConfig, task):
+def build_optimizer(config: MetaTrainConfig, task, name: str | None = None):
+    """The config's learned optimizer for ``task`` (registered as ``name``)."""
+    name = config.task_names[0] if name is None else name
     names = learned_opt.list_optimizers()
     if config.optimizer not in names:
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of {names}")
     params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
     try:
         # The task's defaults (e.g. a smaller initial step where 0.1 diverges), then the user's.
-        args = tasks.optimizer_defaults(config.task) | config.optimizer_args
+        # With several tasks only the user's: one optimizer must start the same on all.
+        defaults = tasks.optimizer_defaults(name) if len(config.task_names) == 1 else {}
+        args = defaults | config.optimizer_args
         return learned_opt.learned_optimizer(config.optimizer, params, task.perm_spec, **args)
     except (ValueError, NotImplementedError) as e:  # PermSpecError is a ValueError
         raise ConfigError(
-            f"optimizer {config.optimizer!r} cannot be used with task {config.task!r} "
+            f"optimizer {config.optimizer!r} cannot be used with task {name!r} "
             f"(its weight space): {e}"
         ) from e
+
+
+def build_problem(config: MetaTrainConfig):
+    """(config with loss_cap resolved, tasks, optimizers, inner problem) of a config."""
+    names = config.task_names
+    task_list = [build_task(config, n) for n in names]
+    lopts = [build_optimizer(config, t, n) for t, n in zip(task_list, names, strict=True)]
+    if len(names) == 1:
+        cap = config.loss_cap
+        if cap == 0:
+            cap = 3.0 * initial_loss(task_list[0], config.seed)
+            if not math.isfinite(cap) or cap <= 0:
+                raise ConfigError(
+                    f"could not set loss_cap automatically (initial loss {cap / 3})")
+            config = config.replace(loss_cap=float(f"{cap:.6g}"))
+        return config, task_list, lopts, InnerProblem(task_list[0], lopts[0], config.loss_cap)
+    if not lopts[0].agnostic:
+        raise ConfigError(
+            f"optimizer {config.optimizer!r} binds its meta-parameters to one weight space, so it "
+            f"cannot be meta-trained on several tasks; use one of "
+            f"{learned_opt.list_agnostic_optimizers()}")
+    refs = []
+    for name, task in zip(names, task_list, strict=True):
+        ref = initial_loss(task, config.seed)
+        if not math.isfinite(ref) or ref <= 0:
+            raise ConfigError(f"task {name!r}: initial loss {ref} cannot normalise its fitness")
+        refs.append(float(f"{ref:.6g}"))
+    problems = [InnerProblem(t, lo, 3.0 * r)
+                for t, lo, r in zip(task_list, lopts, refs, strict=True)]
+    return config, task_list, lopts, MultiTaskProblem(problems, refs, names)
 
 
 def make_mesh(population: int, shard: bool = True, devices=None) -> Mesh:
@@ -138,14 +176,13 @@ def build(config: MetaTrainConfig) -> Setup:
       ConfigError: with a message naming the bad option.
     """
     mesh = make_mesh(config.population, config.shard)  # cheap checks first
-    task = build_task(config)
-    lopt = build_optimizer(config, task)
-    if config.loss_cap == 0:
-        cap = 3.0 * initial_loss(task, config.seed)
-        if not math.isfinite(cap) or cap <= 0:
-            raise ConfigError(f"could not set loss_cap automatically (initial loss {cap / 3})")
-        config = config.replace(loss_cap=float(f"{cap:.6g}"))
-    problem = InnerProblem(task, lopt, config.loss_cap)
+    groups = len(config.task_names)
+    if groups > 1 and (config.population // groups) % mesh.size:
+        raise ConfigError(
+            f"each task's {config.population // groups} members must be divisible by the "
+            f"{mesh.size} devices to shard them; change --population or pass --no-shard")
+    config, task_list, lopts, problem = build_problem(config)
+    task, lopt = task_list[0], lopts[0]
     meta0 = initial_meta_params(lopt, config.seed)
     member_sharding = NamedSharding(mesh, PartitionSpec("pop")) if mesh.size > 1 else None
     estimator = ESTIMATORS[config.estimator](
@@ -163,7 +200,8 @@ def build(config: MetaTrainConfig) -> Setup:
     )
     template = jax.eval_shape(estimator.init, jax.random.PRNGKey(0), meta0)
     shardings = state_shardings(mesh, template)
-    step_fn = make_step_fn(estimator, lopt, mesh, shardings, config.seed, task.data)
+    data = task.data if groups == 1 else tuple(t.data for t in task_list)
+    step_fn = make_step_fn(estimator, lopt, mesh, shardings, config.seed, data)
     return Setup(config, task, lopt, estimator, mesh, meta0, shardings, step_fn)
 
 
