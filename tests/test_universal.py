@@ -293,3 +293,21 @@ def test_shipped_optimizers_train_unseen_weight_spaces():
         assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0], (name, losses[::10])
     with pytest.raises(learned_opt.CheckpointError, match="shipped"):
         learned_opt.load_optax("no_such_optimizer")
+
+
+def test_heldout_architectures_have_true_specs():
+    """The architectures the shipped optimizers are evaluated on: their specs are symmetries,
+    and none of them is a meta-training task's weight space."""
+    import tasks
+    from meta_train.heldout import get_heldout, list_heldout
+
+    trained = set()
+    for name in ("mlp_fmnist", "cnn_cifar10", "rnn_lm", "transformer_lm"):
+        shapes = jax.eval_shape(tasks.get_task(name).init, jax.random.key(0))
+        trained.add(str(jax.tree.map(lambda x: x.shape, shapes)))
+    for name in list_heldout():
+        task = get_heldout(name)
+        params = task.init(jax.random.key(0))
+        assert str(jax.tree.map(jnp.shape, params)) not in trained, name
+        batch = task.sample_batch(jax.random.key(1))
+        learned_opt.check_perm_spec(task.apply, params, task.perm_spec, batch["inputs"])
