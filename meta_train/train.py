@@ -435,6 +435,11 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
         recent.append(row["meta_loss"])
         logger.log(t, row)
         history.append({"step": t} | row)
+        if len(history) == 1 + _STEADY_STEPS:  # the first row includes the compilation
+            wall = sum(r["wall_s"] for r in history[1:])
+            _say(bar, f"steady state: {_STEADY_STEPS / wall:.3g} outer steps/s, "
+                 f"{_STEADY_STEPS * per_step / wall:.4g} member inner steps/s "
+                 f"(over {_STEADY_STEPS} steps after compilation)")
         if bar is not None:
             # refresh=False: set_postfix would otherwise redraw every step, defeating mininterval
             bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}",
@@ -490,6 +495,9 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
     meta_params = jax.device_get(setup.estimator.mean(state))
     learned_opt.save(run_dir / "optimizer", setup.lopt, meta_params)
     return MetaTrainResult(setup.lopt, meta_params, history, run_dir, done)
+
+
+_STEADY_STEPS = 5  # steps after compilation over which the printed throughput is measured
 
 
 def _say(bar, message: str) -> None:

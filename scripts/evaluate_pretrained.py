@@ -1,13 +1,15 @@
 """Evaluate a weight-space-agnostic optimizer on architectures it was never meta-trained on.
 
 Against Adam and SGD-momentum tuned on other seeds, at several horizons; results as JSON per
-(architecture, horizon) in --out (a rerun skips finished ones) and a table in --out/summary.md.
+(architecture, horizon) in --out (a rerun skips finished ones) and a table of all of them in
+--out/summary.md.
 
   python scripts/evaluate_pretrained.py --optimizer unf_universal_4tasks \
       --architectures mlp_deep_wide residual_mlp --horizons 2000 10000
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,7 +33,11 @@ def main(argv=None) -> int:
     apply_data_dir(args.data_dir)
     from meta_train.heldout import evaluate
 
-    rows = evaluate(args.optimizer, args.architectures, args.horizons, args.out)
+    evaluate(args.optimizer, args.architectures, args.horizons, args.out)
+    # The table covers every finished (architecture, horizon) in --out, earlier calls included.
+    rows = [row for path in sorted(Path(args.out).glob("*/T=*.json"),
+                                   key=lambda p: (p.parent.name, int(p.stem[2:])))
+            for row in json.loads(path.read_text())["rows"]]
     lines = ["| architecture | T | method | lr | final train loss (mean +- SE) |",
              "|---|---|---|---|---|"]
     for r in rows:

@@ -85,3 +85,10 @@ def test_refusals():
         MetaTrainConfig(**(MULTI | {"task": "mlp_fmnist_tiny,mlp_fmnist_tiny"}))
     with pytest.raises(ConfigError, match="loss cap is automatic"):
         MetaTrainConfig(**MULTI, loss_cap=5.0)
+
+
+def test_throughput_printed_once_after_compilation(setup, tmp_path, capsys):
+    meta_train(MetaTrainConfig(**MULTI, outer_steps=7, out=str(tmp_path / "run")),
+               progress=False, setup=setup)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("steady state")]
+    assert len(lines) == 1 and "member inner steps/s" in lines[0]
