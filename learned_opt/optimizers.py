@@ -546,15 +546,22 @@ class LearnedOptimizer:
         ``perm_spec`` is the spec of ``params`` (default: inferred). Raises ``PermSpecError``
         saying what differs otherwise.
         """
-        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        flat = jax.tree_util.tree_flatten_with_path(
+            params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
         paths = [path_str(p) for p, _ in flat]
-        if paths == [p for p, _, _ in self.signature]:
-            return params
+        if paths == [p for p, _, _ in self.signature] or any(
+                isinstance(x, optax.MaskedNode) for _, x in flat):
+            return params  # check_params explains a masked tree
         mine = [p for p, _, _ in self.signature]
+        first = next((k for k, (a, b) in enumerate(zip(paths, mine, strict=False)) if a != b),
+                     min(len(paths), len(mine)))
         if len(flat) != len(self.signature):
+            expected = mine[first] if first < len(mine) else "no more leaves"
+            got = paths[first] if first < len(paths) else "no more leaves"
             raise PermSpecError(
-                f"params have {len(flat)} leaves, the optimizer was built for "
-                f"{len(self.signature)} ({mine[:4]}...): another architecture. A learned "
+                f"params structure differs from the optimizer's (leaf {first}: expected "
+                f"{expected}, got {got}); params have {len(flat)} leaves, the "
+                f"optimizer was built for {len(self.signature)}: another architecture. A learned "
                 f"optimizer bound to one weight space cannot train it; the weight-space-agnostic "
                 f"methods {list_agnostic_optimizers()} can")
         for (path, shape, _), gpath, (_, x) in zip(self.signature, paths, flat, strict=True):
