@@ -501,9 +501,14 @@ _STEADY_STEPS = 5  # steps after compilation over which the printed throughput i
 
 
 def _say(bar, message: str) -> None:
-    """Print ``message`` without breaking the progress bar."""
+    """Print ``message`` without breaking the progress bar (on a terminal; in a log file the
+    bar's lines do not overwrite each other, and redrawing it would defeat its throttle)."""
+    import sys
+
     if bar is None:
         print(message)
+    elif not sys.stderr.isatty():
+        print(message, file=sys.stderr, flush=True)
     else:
         bar.write(message)
 
