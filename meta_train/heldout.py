@@ -73,16 +73,6 @@ def residual_mlp_spec(blocks: int) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class GRULMConfig:
-    embed_dim: int = 32
-    hidden: int = 64
-    seq_len: int = 16
-    batch_size: int = 64
-    vocab_size: int = 256
-    data_source: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
 class ResidualMLPConfig:
     width: int = 64
     hidden: int = 128
@@ -93,7 +83,7 @@ class ResidualMLPConfig:
 
 def _gru_lm():
     text = tasks.get_task("rnn_lm")  # its data (the same byte streams)
-    cfg = GRULMConfig(data_source=text.config.data_source)
+    cfg = text.config  # the RNN task's sizes and data (RNNLMConfig): only the cell differs
     model = GRULM(cfg.vocab_size, cfg.embed_dim, cfg.hidden)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, cfg.seq_len), jnp.int32))
     return LanguageModelTask("gru_lm", cfg, model, text.data, infer_perm_spec(params["params"]))
