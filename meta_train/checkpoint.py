@@ -51,11 +51,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def save(run_dir: str | os.PathLike, step: int, state: Any, config_json: str, seed: int) -> Path:
     """Write the estimator state after ``step`` outer steps; returns the checkpoint's path."""
     ckpt_dir = Path(run_dir) / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    host = _to_host(serialization.to_state_dict(state))
-    if jax.process_index() != 0:
-        return ckpt_dir / f"step_{step:08d}.msgpack"
     path = ckpt_dir / f"step_{step:08d}.msgpack"
+    host = _to_host(serialization.to_state_dict(state))  # every process takes part in a gather
+    if jax.process_index() != 0:
+        return path
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     blob = serialization.msgpack_serialize(host)
     _write_atomic(path, blob)
     previous = latest(ckpt_dir.parent, missing_ok=True) or {}
@@ -101,10 +101,12 @@ def _check_leaves(template: Any, raw: Any, file: Path) -> None:
                                       f"{missing}, unexpected {extra})")
     for key, w in flat_want.items():
         g = np.asarray(flat_got[key])
-        if g.shape != np.shape(w) or g.dtype != np.asarray(w).dtype:
+        # Shape and dtype only: a template leaf may span other processes' devices.
+        shape, dtype = np.shape(w), np.dtype(getattr(w, "dtype", type(w)))
+        if g.shape != shape or g.dtype != dtype:
             raise TrainingCheckpointError(
                 f"{file}: leaf {jax.tree_util.keystr(key)} has shape {g.shape} {g.dtype}, this "
-                f"run expects {np.shape(w)} {np.asarray(w).dtype}")
+                f"run expects {shape} {dtype}")
 
 
 def _read(file: Path, sha256: str | None, template: Any) -> Any:

@@ -70,6 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
                                 default=None, choices=choices,
                                 help=f"{help_text} (default: {default})")
     add_data_dir_flag(parser)
+    add_process_flags(parser)
     return parser
 
 
@@ -100,11 +101,61 @@ def apply_data_dir(data_dir: str | None) -> None:
         os.environ["LOPT_DATA_DIR"] = os.path.abspath(data_dir)
 
 
+def add_process_flags(parser: argparse.ArgumentParser) -> None:
+    """``--coordinator``, ``--num-processes``, ``--process-id``: one of several processes.
+
+    Not config fields: how many processes share the population does not change the trajectory.
+    """
+    group = parser.add_argument_group(
+        "multiple processes (jax.distributed; run the same command once per process)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                       help="address of process 0, where the coordination service listens "
+                       "(default: $JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int, metavar="N", default=None,
+                       help="number of processes; their devices form one mesh")
+    group.add_argument("--process-id", type=int, metavar="I", default=None,
+                       help="this process's index, 0..N-1; only process 0 writes --out and "
+                       "logs to wandb")
+
+
+def join_processes(parser: argparse.ArgumentParser, coordinator: str | None,
+                   num_processes: int | None, process_id: int | None) -> None:
+    """``jax.distributed.initialize`` with the process flags (nothing when none is given).
+
+    Must run before any JAX computation: importing ``meta_train`` starts no JAX backend.
+    """
+    if num_processes is None:
+        for flag, value in (("--coordinator", coordinator), ("--process-id", process_id)):
+            if value is not None:
+                parser.error(f"{flag} needs --num-processes")
+        return
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes < 1:
+        parser.error(f"--num-processes must be >= 1, got {num_processes}")
+    if process_id is None:
+        parser.error("--num-processes needs --process-id (0 on the coordinator's host)")
+    if not 0 <= process_id < num_processes:
+        parser.error(f"--process-id {process_id} is out of range for --num-processes "
+                     f"{num_processes} (0..{num_processes - 1})")
+    if not coordinator or ":" not in coordinator:
+        parser.error(f"--num-processes needs --coordinator HOST:PORT (or "
+                     f"$JAX_COORDINATOR_ADDRESS), got {coordinator!r}")
+    import jax
+
+    if jax.config.jax_cpu_collectives_implementation is None:  # jax < 0.5 has none by default
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[MetaTrainConfig, set[str]]:
-    """Parse flags into a config; also returns the names of the options given explicitly."""
+    """Parse flags into a config; also returns the names of the options given explicitly.
+
+    With ``--num-processes``, this process then joins the others (``join_processes``).
+    """
     parser = make_parser()
     args = vars(parser.parse_args(argv))
     apply_data_dir(args.pop("data_dir"))
+    processes = [args.pop(k) for k in ("coordinator", "num_processes", "process_id")]
     given = {k: v for k, v in args.items() if v is not None}
     for name in _SINGULAR:
         if name in given:
@@ -113,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MetaTrainConfig, set[str]
         config = MetaTrainConfig(**given)
     except ConfigError as e:
         parser.error(str(e))
+    join_processes(parser, *processes)
     return config, set(given)
 
 
@@ -132,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     last = result.history[-1] if result.history else {}
     loss = last.get("meta_loss", float("nan"))
-    print(f"done: {result.steps_done} outer steps; meta_loss {loss:.4f}; optimizer saved to "
-          f"{result.run_dir / 'optimizer'}")
+    import jax
+
+    saved = (f"optimizer saved to {result.run_dir / 'optimizer'}" if jax.process_index() == 0
+             else "process 0 saved the optimizer")
+    print(f"done: {result.steps_done} outer steps; meta_loss {loss:.4f}; {saved}")
     return 0

@@ -34,7 +34,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from evosax.algorithms import Open_ES, PersistentES
+
+# evosax.algorithms is imported where it is used: importing it creates arrays, which starts JAX's
+# backends, and a multi-process run must call jax.distributed.initialize() before that.
 from evosax.core.fitness_shaping import (
     centered_rank_fitness_shaping_fn,
     identity_fitness_shaping_fn,
@@ -217,6 +219,8 @@ class PES(_Base):
                 "(fitness 0 elsewhere); ranking those zeros is meaningless: use fitness_shaping "
                 "'raw'"
             )
+        from evosax.algorithms import PersistentES  # not at import time: see the imports
+
         strategy = PersistentES(
             self.population,
             solution=template,
@@ -299,6 +303,8 @@ class FullES(_Base):
     name = "es"
 
     def _build(self, template, optimizer, shaping):
+        from evosax.algorithms import Open_ES  # not at import time: see the imports
+
         strategy = Open_ES(
             self.population,
             solution=template,

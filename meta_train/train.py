@@ -16,7 +16,8 @@ meta-parameters as an uninterrupted one.
 Scale: the population axis of the inner runs is sharded over a 1-D device mesh (axis ``pop``)
 with ``jax.sharding.NamedSharding``; the estimator state is replicated. With
 ``jax.distributed.initialize()`` called first, ``jax.devices()`` spans every host and the same
-code shards the population across hosts (see docs/meta_train.md; multi-host is untested here).
+code shards the population across hosts (``scripts/meta_train.py --num-processes``; see
+docs/meta_train.md); only process 0 writes the run directory and logs.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def make_step_fn(estimator, lopt, mesh: Mesh, shardings: EstimatorState, seed: i
         return _strong(state), metrics
 
     repl = NamedSharding(mesh, PartitionSpec())
-    data = jax.device_put(data, repl)
+    data = _put(data, jax.tree.map(lambda _: repl, data))
     jitted = jax.jit(train_step, in_shardings=(shardings, repl, repl),
                      out_shardings=(shardings, repl))
 
@@ -244,6 +245,18 @@ def make_step_fn(estimator, lopt, mesh: Mesh, shardings: EstimatorState, seed: i
 
     step_fn.compiled_versions = jitted._cache_size  # for the test that nothing recompiles
     return step_fn
+
+
+def _put(tree: PyTree, shardings: PyTree) -> PyTree:
+    """``jax.device_put`` of host values that every process holds whole.
+
+    With several processes ``device_put`` gathers each leaf to check that all processes agree
+    (slow for a dataset; and NaN != NaN fails it): each process places its own copy instead.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(
+        np.shape(x), s, lambda index: np.asarray(x)[index]), tree, shardings)
 
 
 def init_state(setup: Setup, meta_params: PyTree | None = None) -> EstimatorState:
@@ -256,7 +269,7 @@ def init_state(setup: Setup, meta_params: PyTree | None = None) -> EstimatorStat
     meta = setup.init_meta_params if meta_params is None else meta_params
     key = jax.random.fold_in(jax.random.PRNGKey(setup.config.seed), 1)
     state = setup.estimator.init(key, meta)
-    return jax.device_put(jax.device_get(_strong(state)), setup.shardings)
+    return _put(jax.device_get(_strong(state)), setup.shardings)
 
 
 def run_steps(setup: Setup, state: EstimatorState, start: int, stop: int) -> EstimatorState:
@@ -332,11 +345,34 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
     the final ``DIR/optimizer`` (``learned_opt.save`` format). On Ctrl-C or SIGTERM, saves a
     checkpoint of the last completed step and raises ``KeyboardInterrupt``. The run directory is
     locked while it runs: a second run on it raises ``ConfigError`` naming the holder.
+
+    With several processes (``jax.distributed``) every one calls this with the same config; only
+    process 0 writes ``DIR`` (the others read it to resume, so it must be on a shared file system).
     """
     run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir), _sigterm_as_interrupt():
+    lock = contextlib.nullcontext()
+    if _writes():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _exclusive(run_dir)
+    with lock, _sigterm_as_interrupt():
         return _meta_train(config, progress, given, setup)
+
+
+def _writes() -> bool:
+    """Whether this process writes the run directory and logs: process 0 of several."""
+    return jax.process_index() == 0
+
+
+class _NoLogger:
+    """The metrics logger of the processes that do not write."""
+
+    mode = "disabled"
+
+    def log(self, step, metrics):
+        pass
+
+    def close(self):
+        pass
 
 
 @contextlib.contextmanager
@@ -391,20 +427,28 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
     else:
         _check_same_run(setup.config, config)
     config = config.replace(loss_cap=setup.config.loss_cap)
-    (run_dir / "config.json").write_text(config.to_json())
+    writes = _writes()
+    progress = progress and writes
+    if writes:
+        (run_dir / "config.json").write_text(config.to_json())
 
     state = init_state(setup)
     start = 0
     if resume_step is not None:
         start, state = checkpoint.restore(run_dir, state)
-        state = jax.device_put(state, setup.shardings)
+        state = _put(state, setup.shardings)
+    if jax.process_count() > 1:  # else the processes' steps (and collectives) would not match
+        from jax.experimental import multihost_utils
+
+        multihost_utils.assert_equal(start, f"processes start at different outer steps: is "
+                                     f"{run_dir} on a file system they all share?")
     step_fn = setup.step_fn
     per_step = setup.estimator.inner_steps_per_outer_step()
 
     # ``start``, not ``resume_step``: restore may have fallen back to an older checkpoint.
     logger = MetricsLogger(run_dir, dataclasses.asdict(config), config.wandb,
                            start if resume_step is not None else None,
-                           config.wandb_project)
+                           config.wandb_project) if writes else _NoLogger()
     history: list[dict] = []
     bar = None
     if progress:
@@ -454,7 +498,8 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
             if t == start and compiles_here:  # the first call traces and compiles (blocking);
                 # execution itself is asynchronous, so this is the compile time
                 _say(bar, f"outer step compiled in {time.perf_counter() - t_call:.1f} s "
-                     "(tracing + XLA, once per process)")
+                     f"(tracing + XLA, once per process; devices: {setup.mesh.size}, "
+                     f"processes: {jax.process_count()})")
                 if bar is not None:  # the rate and ETA count steps, not the compilation
                     bar.start_t = bar.last_print_t = bar._time()
             if pending is not None:
@@ -462,7 +507,7 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
                 pending = None
             state, done = new_state, t + 1
             pending = (t, metrics)
-            if config.snapshot_every and done % config.snapshot_every == 0:
+            if config.snapshot_every and done % config.snapshot_every == 0 and writes:
                 learned_opt.save(run_dir / "snapshots" / f"step_{done:07d}", setup.lopt,
                                  jax.device_get(setup.estimator.mean(state)))
             if done % config.checkpoint_every == 0 and done < config.outer_steps:
@@ -493,7 +538,8 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
     if logger.mode == "offline" and progress:
         print(offline_run_hint(run_dir))
     meta_params = jax.device_get(setup.estimator.mean(state))
-    learned_opt.save(run_dir / "optimizer", setup.lopt, meta_params)
+    if writes:
+        learned_opt.save(run_dir / "optimizer", setup.lopt, meta_params)
     return MetaTrainResult(setup.lopt, meta_params, history, run_dir, done)
 
 

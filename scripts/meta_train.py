@@ -5,6 +5,9 @@ Example (about a minute on 2 CPU cores)::
     python scripts/meta_train.py --task mlp_fmnist --optimizer unf --population 16 \
         --truncation 20 --horizon 200 --outer-steps 300 --out runs/unf_mlp
     python scripts/meta_train.py --out runs/unf_mlp --resume --outer-steps 600   # continue
+
+One of N processes (hosts) sharing the population: add ``--coordinator HOST:PORT
+--num-processes N --process-id I`` (see docs/meta_train.md, "Scale").
 """
 
 import sys
