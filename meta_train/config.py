@@ -19,12 +19,14 @@ import math
 from typing import Any
 
 from meta_train.estimators import ESTIMATORS, FITNESS_SHAPING, OBJECTIVES
+from meta_train.inner import MEMBER_LOOPS
 from meta_train.tracking import WANDB_MODES
 
 # The valid values of each choice option, from the modules that implement them (the CLI's
 # ``choices`` come from here too).
 CHOICES = {"estimator": tuple(ESTIMATORS), "objective": OBJECTIVES,
-           "fitness_shaping": tuple(FITNESS_SHAPING), "wandb": WANDB_MODES}
+           "fitness_shaping": tuple(FITNESS_SHAPING), "wandb": WANDB_MODES,
+           "member_loop": MEMBER_LOOPS}
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,9 @@ class MetaTrainConfig:
                              "the task's mean initial loss, measured at start")
     seed: int = _field(0, "seed: fixes meta-initialisation, perturbations, task inits and data")
     shard: bool = _field(True, "shard the population over all devices (1-D mesh)")
+    member_loop: str = _field("auto", "how each device advances its members: vmap (batched), "
+                              "map (one after another: faster on CPU) or auto (map on CPU, "
+                              "vmap elsewhere); same results to float rounding")
     out: str = _field("runs/meta_train", "run directory (config, metrics, checkpoints, optimizer)")
     resume: bool = _field(False, "continue the run in --out from its latest checkpoint")
     checkpoint_every: int = _field(100, "save a training checkpoint every N outer steps")

@@ -116,8 +116,10 @@ def build_optimizer(config: MetaTrainConfig, task, name: str | None = None):
         ) from e
 
 
-def build_problem(config: MetaTrainConfig):
-    """(config with loss_cap resolved, tasks, optimizers, inner problem) of a config."""
+def build_problem(config: MetaTrainConfig, mesh: Mesh | None = None):
+    """(config with loss_cap resolved, tasks, optimizers, inner problem) of a config; ``mesh``:
+    the devices the population is sharded over."""
+    loop = dict(member_loop=config.member_loop, mesh=mesh)
     names = config.task_names
     task_list = [build_task(config, n) for n in names]
     lopts = [build_optimizer(config, t, n) for t, n in zip(task_list, names, strict=True)]
@@ -129,7 +131,8 @@ def build_problem(config: MetaTrainConfig):
                 raise ConfigError(
                     f"could not set loss_cap automatically (initial loss {cap / 3})")
             config = config.replace(loss_cap=float(f"{cap:.6g}"))
-        return config, task_list, lopts, InnerProblem(task_list[0], lopts[0], config.loss_cap)
+        return config, task_list, lopts, InnerProblem(task_list[0], lopts[0], config.loss_cap,
+                                                        **loop)
     if not lopts[0].agnostic:
         raise ConfigError(
             f"optimizer {config.optimizer!r} binds its meta-parameters to one weight space, so it "
@@ -141,7 +144,7 @@ def build_problem(config: MetaTrainConfig):
         if not math.isfinite(ref) or ref <= 0:
             raise ConfigError(f"task {name!r}: initial loss {ref} cannot normalise its fitness")
         refs.append(float(f"{ref:.6g}"))
-    problems = [InnerProblem(t, lo, 3.0 * r)
+    problems = [InnerProblem(t, lo, 3.0 * r, **loop)
                 for t, lo, r in zip(task_list, lopts, refs, strict=True)]
     return config, task_list, lopts, MultiTaskProblem(problems, refs, names)
 
@@ -182,7 +185,7 @@ def build(config: MetaTrainConfig) -> Setup:
         raise ConfigError(
             f"each task's {config.population // groups} members must be divisible by the "
             f"{mesh.size} devices to shard them; change --population or pass --no-shard")
-    config, task_list, lopts, problem = build_problem(config)
+    config, task_list, lopts, problem = build_problem(config, mesh)
     task, lopt = task_list[0], lopts[0]
     meta0 = initial_meta_params(lopt, config.seed)
     member_sharding = NamedSharding(mesh, PartitionSpec("pop")) if mesh.size > 1 else None
@@ -297,7 +300,7 @@ def _resume_step(config: MetaTrainConfig) -> int | None:
 
 
 def _check_same_run(built: MetaTrainConfig, config: MetaTrainConfig) -> None:
-    for name in MetaTrainConfig.RUN_FIELDS + ("shard",):
+    for name in MetaTrainConfig.RUN_FIELDS + ("shard", "member_loop"):
         a, b = getattr(built, name), getattr(config, name)
         if a != b and not (name == "loss_cap" and b == 0):
             raise ConfigError(f"setup was built with {name}={a!r}, the config has {b!r}")

@@ -32,6 +32,12 @@ def parse_args(argv=None):
     p.add_argument("--horizon", type=int, default=200)
     p.add_argument("--repeats", type=int, default=10, help="timed outer steps per measurement")
     p.add_argument("--no-shard", action="store_true", help="use one device only")
+    p.add_argument("--member-loop", default="auto",
+                   help="how each device advances its members (meta_train.inner.MEMBER_LOOPS)")
+    p.add_argument("--baseline-rev", default=None,
+                   help="also run this benchmark at this git revision (a temporary worktree, "
+                        "one subprocess per task, alternating with the current code) and print "
+                        "both side by side with the speed-up")
     p.add_argument("--combinations", action="store_true",
                    help="instead: build every --tasks x learned optimizer pair and run 3 PES "
                         "steps (population 4, K=2, T=4); print OK/REJECTED and the time")
@@ -78,17 +84,21 @@ def _time(fn):
     return time.perf_counter() - t0
 
 
-def bench_one(task_name, optimizer, population, truncation, horizon, repeats, shard):
+def bench_one(task_name, optimizer, population, truncation, horizon, repeats, shard,
+              member_loop="auto"):
     import jax
     import jax.numpy as jnp
     import numpy as np
+    import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
     from meta_train import MetaTrainConfig
     from meta_train import train as mt
+    from meta_train.inner import InnerProblem
 
     cfg = MetaTrainConfig(task=task_name, optimizer=optimizer, population=population,
-                          truncation=truncation, horizon=horizon, wandb="disabled", shard=shard)
+                          truncation=truncation, horizon=horizon, wandb="disabled", shard=shard,
+                          member_loop=member_loop)
     setup = mt.build(cfg)
     state = mt.init_state(setup)
     t = 0
@@ -128,13 +138,27 @@ def bench_one(task_name, optimizer, population, truncation, horizon, repeats, sh
         inner, loss = unroll_only(meta, inner, data)
         return loss
 
-    # Alternate the two measurements so that a change of machine load hits both alike.
-    step_times, unroll_times = [], []
+    # The throughput check's yardstick: plain optax.adam training of the same members, vmapped.
+    adam = InnerProblem(setup.task, _PlainUpdate(optax.adam(1e-3)), problem.loss_cap)
+    adam_inner = jax.device_put(jax.jit(adam.fresh)(
+        meta, jax.random.key(3), jnp.full((population,), horizon, jnp.int32)), member)
+    adam_unroll = jax.jit(lambda s, d: adam.unroll(meta, s, truncation, d))
+    jax.block_until_ready(adam_unroll(adam_inner, data))
+
+    def run_adam():
+        nonlocal adam_inner
+        adam_inner, out = adam_unroll(adam_inner, data)
+        return out.losses
+
+    # Alternate the measurements so that a change of machine load hits them alike.
+    step_times, unroll_times, adam_times = [], [], []
     for _ in range(repeats):
         step_times.append(_time(step))
         unroll_times.append(_time(run_unroll))
+        adam_times.append(_time(run_adam))
     step_s, unroll_s = float(np.median(step_times)), float(np.median(unroll_times))
     return {
+        "member_loop": problem.member_loop, "pes_over_adam": step_s / float(np.median(adam_times)),
         "task": task_name, "population": population, "devices": setup.mesh.size,
         "meta_params": setup.lopt.num_meta_params(),
         "compile_step_s": compile_step, "compile_unroll_s": compile_unroll,
@@ -471,19 +495,75 @@ def main(argv=None):
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
           f"({jax.default_backend()}); optimizer {args.optimizer}, K={args.truncation}, "
           f"T={args.horizon}, median of {args.repeats}")
-    header = (f"{'task':<16} {'pop':>4} {'dev':>3} {'meta-params':>11} {'compile s':>9} "
-              f"{'step ms':>8} {'unroll ms':>9} {'overhead':>8} {'inner steps/s':>13}")
+    if args.baseline_rev:
+        compare_with_revision(args)
+        return
+    header = (f"{'task':<16} {'pop':>4} {'dev':>3} {'loop':>4} {'meta-params':>11} "
+              f"{'compile s':>9} {'step ms':>8} {'unroll ms':>9} {'overhead':>8} "
+              f"{'inner steps/s':>13} {'pes/adam':>8}")
     print(header)
     print("-" * len(header))
     for task_name in args.tasks:
         for pop in args.populations:
             r = bench_one(task_name, args.optimizer, pop, args.truncation, args.horizon,
-                          args.repeats, not args.no_shard)
+                          args.repeats, not args.no_shard, args.member_loop)
             print(f"{r['task']:<16} {r['population']:>4} {r['devices']:>3} "
-                  f"{r['meta_params']:>11} {r['compile_step_s']:>9.1f} {r['step_ms']:>8.1f} "
-                  f"{r['unroll_ms']:>9.1f} {r['overhead_pct']:>7.1f}% "
-                  f"{r['inner_steps_per_s']:>13.0f}", flush=True)
+                  f"{r['member_loop']:>4} {r['meta_params']:>11} {r['compile_step_s']:>9.1f} "
+                  f"{r['step_ms']:>8.1f} {r['unroll_ms']:>9.1f} {r['overhead_pct']:>7.1f}% "
+                  f"{r['inner_steps_per_s']:>13.0f} {r['pes_over_adam']:>7.1f}x", flush=True)
 
+
+def _bench_in(root, args, task, pop):
+    """Run this benchmark's plain mode for one (task, population) with the code in ``root``
+    (a subprocess); returns (compile s, inner steps/s) parsed from its table row."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, str(Path(root) / "scripts" / "bench_meta_train.py"), "--tasks", task,
+           "--populations", str(pop), "--truncation", str(args.truncation), "--horizon",
+           str(args.horizon), "--repeats", str(args.repeats), "--optimizer", args.optimizer]
+    if args.no_shard:
+        cmd.append("--no-shard")
+    env = dict(os.environ, PYTHONPATH=str(root))  # that revision's packages, not this one's
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(task + " ")]
+    if out.returncode or not rows:
+        raise RuntimeError(f"benchmark in {root} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    row = rows[-1]
+    # Columns: task pop dev [loop] meta-params compile ... steps/s [pes/adam, ending in x]
+    numeric = [x for x in row[3:] if x.replace(".", "").isdigit()]
+    return float(numeric[1]), float(row[-2] if row[-1].endswith("x") else row[-1])
+
+def compare_with_revision(args):
+    """Each (task, population) at ``--baseline-rev`` and with the current code, one after the
+    other (two packages of the same name cannot share a process), and the speed-up."""
+    import subprocess
+    import tempfile
+
+    rev = subprocess.run(["git", "rev-parse", "--short", args.baseline_rev], cwd=_ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    header = (f"{'task':<16} {'pop':>4} {'before steps/s':>14} {'after steps/s':>13} "
+              f"{'speed-up':>8} {'compile before':>14} {'after':>6} {'pes/adam after':>14}")
+    print(f"before: revision {rev}; after: the working tree ({args.member_loop} member loop)")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", str(base), rev], cwd=_ROOT,
+                       check=True, capture_output=True)
+        try:
+            for task in args.tasks:
+                for pop in args.populations:
+                    c0, s0 = _bench_in(base, args, task, pop)
+                    r = bench_one(task, args.optimizer, pop, args.truncation, args.horizon,
+                                  args.repeats, not args.no_shard, args.member_loop)
+                    s1 = r["inner_steps_per_s"]
+                    print(f"{task:<16} {pop:>4} {s0:>14.0f} {s1:>13.0f} {s1 / s0:>7.2f}x "
+                          f"{c0:>14.1f} {r['compile_step_s']:>6.1f} "
+                          f"{r['pes_over_adam']:>13.1f}x", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=_ROOT,
+                           capture_output=True)
 
 if __name__ == "__main__":
     main()

@@ -159,29 +159,47 @@ def test_interrupted_and_resumed_equals_uninterrupted(pes_setup, tmp_path, monke
     assert steps == list(range(6))
 
 
-def compare_sharded(config, steps=4, unsharded=None):
-    """Run ``config`` unsharded and sharded over 2 devices; compare states and metrics.
+def compare_runs(setups, steps=4):
+    """Run each setup from its initial state; every pair must agree.
 
     Each member's inner run must match to float rounding. The ES mean is compared with a looser
     tolerance: its gradient is a difference of antithetic fitnesses, which amplifies 1-ulp
     differences in losses reduced in another order (measured: ~1e-4 after 4 steps).
+    Returns the final states.
     """
+    runs = [_run(setup, mt.init_state(setup), 0, steps) for setup in setups]
+    (s0, h0), rest = runs[0], runs[1:]
+    for s1, h1 in rest:
+        for a, b in zip(jax.tree.leaves(s0.inner), jax.tree.leaves(s1.inner), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose([h["meta_loss"] for h in h0], [h["meta_loss"] for h in h1],
+                                   rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(s0.es.mean), np.asarray(s1.es.mean), rtol=1e-3,
+                                   atol=1e-4)
+    return [state for state, _ in runs]
+
+
+def compare_sharded(config, steps=4, unsharded=None):
+    """Run ``config`` unsharded and sharded over 2 devices; compare states and metrics."""
     assert jax.device_count() >= 2, jax.devices()
-    out = {}
-    for shard in (False, True):
-        setup = unsharded if unsharded is not None and not shard else mt.build(
-            config.replace(shard=shard))
-        state, history = _run(setup, mt.init_state(setup), 0, steps)
-        leaf = jax.tree.leaves(state.inner.params)[0]
-        out[shard] = (state, history, len(leaf.sharding.device_set))
-    assert out[False][2] == 1 and out[True][2] == 2
-    (s0, h0, _), (s1, h1, _) = out[False], out[True]
-    for a, b in zip(jax.tree.leaves(s0.inner), jax.tree.leaves(s1.inner), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose([h["meta_loss"] for h in h0], [h["meta_loss"] for h in h1],
-                               rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(s0.es.mean), np.asarray(s1.es.mean), rtol=1e-3,
-                               atol=1e-4)
+    setups = [unsharded if unsharded is not None else mt.build(config.replace(shard=False)),
+              mt.build(config.replace(shard=True))]
+    states = compare_runs(setups, steps)
+    devices = [len(jax.tree.leaves(s.inner.params)[0].sharding.device_set) for s in states]
+    assert devices == [1, 2]
+
+
+def test_member_loops_agree():
+    # The update network (unf) is where batched and one-at-a-time products differ most; under
+    # `make test` the population is sharded, so `map` runs inside shard_map.
+    config = MetaTrainConfig(**TINY | dict(optimizer="unf", shard=jax.device_count() >= 2))
+    setups = [mt.build(config.replace(member_loop=loop)) for loop in ("vmap", "map")]
+    assert [s.estimator.problem.member_loop for s in setups] == ["vmap", "map"]
+    compare_runs(setups, steps=3)
+    assert mt.build(config).estimator.problem.member_loop == (
+        "map" if jax.default_backend() == "cpu" else "vmap")  # auto
+    with pytest.raises(ConfigError, match="member_loop must be one of"):
+        config.replace(member_loop="pmap")
 
 
 def test_sharded_equals_unsharded(pes_setup):
