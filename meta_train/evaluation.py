@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from meta_train.inner import over_members
+
 EVAL_SEEDS = (100, 101, 102, 103, 104)  # never used by meta-training (it folds keys from seed)
 TUNE_SEEDS = (200, 201, 202)
 
@@ -69,13 +71,15 @@ def _final_metrics(task, params, max_examples):
 
 
 def train_runs(task, tx: optax.GradientTransformation, seeds: Sequence[int], steps: int,
-               max_eval_examples: int | None = 10_000) -> Runs:
-    """Train one fresh network per seed for ``steps`` steps with ``tx`` (vmapped over seeds)."""
+               max_eval_examples: int | None = 10_000, member_loop: str = "auto") -> Runs:
+    """Train one fresh network per seed for ``steps`` steps with ``tx``, all seeds in one jit
+    (``member_loop``: batched or one after another, ``meta_train.inner.MEMBER_LOOPS``)."""
     keys = jnp.stack([seed_key(s) for s in seeds])
 
     @jax.jit
     def run(keys):
-        losses, params = jax.vmap(lambda k: _train_one(task, tx, k, steps))(keys)
+        losses, params = over_members(lambda k: _train_one(task, tx, k, steps), keys,
+                                      member_loop)
         metrics = jax.vmap(lambda p: _final_metrics(task, p, max_eval_examples))(params)
         return losses, metrics
 
@@ -91,11 +95,12 @@ def tail_loss(losses: np.ndarray, frac: float = 0.1) -> np.ndarray:
 
 
 def tune_learning_rate(task, make_tx: Callable[[Any], optax.GradientTransformation],
-                       grid: Sequence[float], seeds: Sequence[int], steps: int
-                       ) -> tuple[float, dict[float, float]]:
+                       grid: Sequence[float], seeds: Sequence[int], steps: int,
+                       member_loop: str = "auto") -> tuple[float, dict[float, float]]:
     """Best learning rate of ``grid`` by final training loss (last 10% of steps) on ``seeds``.
 
-    The whole grid runs in one jit (vmapped over learning rates and seeds).
+    The whole grid runs in one jit (every learning rate and seed; ``member_loop`` as in
+    ``train_runs``).
 
     Returns:
       ``(best_lr, {lr: mean tail loss})``.
@@ -105,9 +110,10 @@ def tune_learning_rate(task, make_tx: Callable[[Any], optax.GradientTransformati
     @jax.jit
     def run(lrs):
         def per_lr(lr):
-            return jax.vmap(lambda k: _train_one(task, make_tx(lr), k, steps)[0])(keys)
+            return over_members(lambda k: _train_one(task, make_tx(lr), k, steps)[0], keys,
+                                member_loop)
 
-        return jax.vmap(per_lr)(lrs)
+        return over_members(per_lr, lrs, member_loop)
 
     losses = np.asarray(jax.device_get(run(jnp.asarray(grid, jnp.float32))))
     scores = {float(lr): float(tail_loss(losses[i]).mean()) for i, lr in enumerate(grid)}

@@ -120,6 +120,19 @@ class InnerProblem:
         half = num_members // 2
         return jnp.arange(num_members) % half, jnp.full((num_members,), half)
 
+    def map_members(self, fn, members: PyTree, shared: PyTree = None) -> PyTree:
+        """``fn(member, shared)`` for each member (the leading axis of ``members``), advanced
+        the way ``unroll`` advances them (``member_loop``)."""
+        def run(members, shared):
+            return over_members(lambda m: fn(m, shared), members, self.member_loop)
+
+        if self.member_loop == "map" and self.mesh is not None and self.mesh.size > 1:
+            # A loop over a sharded axis would gather the population on every device.
+            pop, repl = PartitionSpec("pop"), PartitionSpec()
+            run = jax.shard_map(run, mesh=self.mesh, in_specs=(pop, repl), out_specs=pop,
+                                check_vma=False)
+        return run(members, shared)
+
     def metrics(self, out: UnrollOutput) -> dict[str, jax.Array]:
         """Extra metrics of an unroll (none for one task; ``MultiTaskProblem`` adds per task)."""
         del out
@@ -229,15 +242,7 @@ class InnerProblem:
             st, losses = jax.lax.scan(body, st, None, length=num_steps)
             return st, losses
 
-        def members(mp, st, data):
-            return over_members(lambda ms: member(*ms, data), (mp, st), self.member_loop)
-
-        if self.member_loop == "map" and self.mesh is not None and self.mesh.size > 1:
-            # A loop over a sharded axis would gather the population on every device.
-            pop, repl = PartitionSpec("pop"), PartitionSpec()
-            members = jax.shard_map(members, mesh=self.mesh, in_specs=(pop, pop, repl),
-                                    out_specs=pop, check_vma=False)
-        state, raw = members(meta_params, state, data)
+        state, raw = self.map_members(lambda ms, d: member(*ms, d), (meta_params, state), data)
         out = UnrollOutput(
             losses=cap_loss(raw, self.loss_cap),
             nonfinite=~jnp.isfinite(raw),

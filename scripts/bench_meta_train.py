@@ -278,7 +278,8 @@ def machine_limits(repeats=5, n=1024):
     }
 
 
-def profile_task(task_name, optimizer, population, truncation, horizon, repeats, shard):
+def profile_task(task_name, optimizer, population, truncation, horizon, repeats, shard,
+                 member_loop="auto"):
     """Time, in interleaved rounds (minimum per part), the parts of a PES outer step.
 
     Parts (all jitted, the population sharded as in the trainer, data passed as arguments):
@@ -300,7 +301,8 @@ def profile_task(task_name, optimizer, population, truncation, horizon, repeats,
     from meta_train.inner import InnerProblem
 
     cfg = MetaTrainConfig(task=task_name, optimizer=optimizer, population=population,
-                          truncation=truncation, horizon=horizon, wandb="disabled", shard=shard)
+                          truncation=truncation, horizon=horizon, wandb="disabled", shard=shard,
+                          member_loop=member_loop)
     setup = mt.build(cfg)
     task, lopt, K, P = setup.task, setup.lopt, truncation, population
     state = mt.init_state(setup)
@@ -330,11 +332,12 @@ def profile_task(task_name, optimizer, population, truncation, horizon, repeats,
 
     sgd = _PlainUpdate(optax.sgd(1e-3))
     adam = _PlainUpdate(optax.adam(1e-3))
+    loop = dict(member_loop=problem.member_loop, mesh=problem.mesh)  # every part as the trainer
     runs = {
         "pes step": None,
         "inner unroll": unroll_of(problem),
-        "task only": unroll_of(InnerProblem(task, sgd, problem.loss_cap)),
-        "adam unroll": unroll_of(InnerProblem(task, adam, problem.loss_cap)),
+        "task only": unroll_of(InnerProblem(task, sgd, problem.loss_cap, **loop)),
+        "adam unroll": unroll_of(InnerProblem(task, adam, problem.loss_cap, **loop)),
     }
 
     def step_run():
@@ -351,15 +354,17 @@ def profile_task(task_name, optimizer, population, truncation, horizon, repeats,
     params, grads = jax.device_put((params, grads), member)
 
     def updates_of(init_state, update):
-        def many(m, s, g, p):
+        def one_member(msgp, _):
+            m, s, g, p = msgp
+
             def body(carry, _):
                 s, p = carry
-                u, s = jax.vmap(update)(m, s, g, p)
+                u, s = update(m, s, g, p)
                 return (s, jax.tree.map(jnp.add, p, u)), None
 
             return jax.lax.scan(body, (s, p), None, length=K)[0]
 
-        fn = jax.jit(many)
+        fn = jax.jit(lambda m, s, g, p: problem.map_members(one_member, (m, s, g, p)))
         s0 = jax.jit(jax.vmap(init_state))(meta, params)
         return lambda: fn(meta, s0, grads, params)
 
@@ -406,6 +411,7 @@ def profile_task(task_name, optimizer, population, truncation, horizon, repeats,
     cost["pes step"] = cost["inner unroll"]
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(p1))
     return {"task": task_name, "population": P, "truncation": K, "devices": setup.mesh.size,
+            "member_loop": problem.member_loop,
             "params": n_params, "compile_step_s": compile_step, "compile_s": compile_s,
             "sec": sec, "cost": cost}
 
@@ -420,7 +426,8 @@ def print_profile(results, limits, figure=None):
         P, K = r["population"], r["truncation"]
         ms = {k: 1e3 * v / (P * K) for k, v in r["sec"].items()}  # per member-step
         print(f"\n{r['task']}: {r['params']:,} parameters, population {P}, K={K}, "
-              f"{r['devices']} devices; PES step compile {r['compile_step_s']:.1f} s; "
+              f"{r['devices']} devices, {r['member_loop']} member loop; PES step compile "
+              f"{r['compile_step_s']:.1f} s; "
               f"{P * K / r['sec']['pes step']:.0f} member-steps/s")
         header = (f"{'part':<18} {'ms/member-step':>14} {'share':>6} {'MFLOP':>8} "
                   f"{'GFLOP/s':>8} {'% matmul':>8} {'FLOP/B':>7}")
@@ -486,7 +493,7 @@ def main(argv=None):
     if args.profile:
         limits = machine_limits()
         results = [profile_task(t, args.optimizer, args.populations[0], args.truncation,
-                                args.horizon, args.repeats, not args.no_shard)
+                                args.horizon, args.repeats, not args.no_shard, args.member_loop)
                    for t in args.tasks]
         print_profile(results, limits, args.figure)
         return

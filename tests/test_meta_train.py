@@ -22,6 +22,7 @@ import learned_opt
 from meta_train import ConfigError, MetaTrainConfig, meta_train
 from meta_train import train as mt
 from meta_train.cli import main as cli_main
+from meta_train.inner import resolve_member_loop
 from meta_train.tracking import MetricsLogger, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,10 +197,27 @@ def test_member_loops_agree():
     setups = [mt.build(config.replace(member_loop=loop)) for loop in ("vmap", "map")]
     assert [s.estimator.problem.member_loop for s in setups] == ["vmap", "map"]
     compare_runs(setups, steps=3)
-    assert mt.build(config).estimator.problem.member_loop == (
-        "map" if jax.default_backend() == "cpu" else "vmap")  # auto
+    assert resolve_member_loop("auto") == ("map" if jax.default_backend() == "cpu" else "vmap")
     with pytest.raises(ConfigError, match="member_loop must be one of"):
         config.replace(member_loop="pmap")
+
+
+def test_evaluation_member_loops_agree():
+    import optax
+
+    import tasks
+    from meta_train import evaluation
+
+    task = tasks.get_task("mlp_fmnist_tiny")
+    runs = {loop: evaluation.train_runs(task, optax.adam(1e-2), [100, 101], 20, member_loop=loop)
+            for loop in ("vmap", "map")}
+    for a, b in zip(runs["vmap"], runs["map"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    tuned = {loop: evaluation.tune_learning_rate(task, optax.adam, (1e-3, 1e-1), [200], 20,
+                                                 member_loop=loop) for loop in ("vmap", "map")}
+    assert tuned["vmap"][0] == tuned["map"][0]
+    np.testing.assert_allclose(list(tuned["vmap"][1].values()), list(tuned["map"][1].values()),
+                               rtol=1e-5)
 
 
 def test_sharded_equals_unsharded(pes_setup):
