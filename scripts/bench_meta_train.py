@@ -139,7 +139,8 @@ def bench_one(task_name, optimizer, population, truncation, horizon, repeats, sh
         return loss
 
     # The throughput check's yardstick: plain optax.adam training of the same members, vmapped.
-    adam = InnerProblem(setup.task, _PlainUpdate(optax.adam(1e-3)), problem.loss_cap)
+    adam = InnerProblem(setup.task, _PlainUpdate(optax.adam(1e-3)), problem.loss_cap,
+                        member_loop="vmap")
     adam_inner = jax.device_put(jax.jit(adam.fresh)(
         meta, jax.random.key(3), jnp.full((population,), horizon, jnp.int32)), member)
     adam_unroll = jax.jit(lambda s, d: adam.unroll(meta, s, truncation, d))
