@@ -4,21 +4,16 @@ Weight-space layers (UNF, Deep Set, NFN), permutation specs and their checks, le
 with an inner-loop interface and an optax adapter, checkpoints, and hand-designed baselines.
 """
 
-from learned_opt import hand_designed
+from learned_opt import hand_designed, presets
+from learned_opt.adapters import agnostic_optax
 from learned_opt.check import check_perm_spec
 from learned_opt.checkpoint import CheckpointError, list_pretrained, load, load_optax, save
+from learned_opt.config import LearnedOptimizerConfig
 from learned_opt.deepset import DeepSetLinear
 from learned_opt.infer import infer_perm_spec
 from learned_opt.nfn import NFNLinear
-from learned_opt.optimizers import (
-    LearnedOptimizer,
-    LearnedOptimizerConfig,
-    LearnedOptimizerState,
-    agnostic_optax,
-    learned_optimizer,
-    list_agnostic_optimizers,
-    list_optimizers,
-)
+from learned_opt.optimizer import LearnedOptimizer, LearnedOptimizerState
+from learned_opt.optimizers import learned_optimizer, list_agnostic_optimizers, list_optimizers
 from learned_opt.spec import (
     PermSpecError,
     label_sizes,
@@ -29,6 +24,7 @@ from learned_opt.spec import (
 from learned_opt.statnn import statnn_features
 from learned_opt.unf import UNF, InvariantUNF, UNFLinear, num_basis_terms
 from learned_opt.universal import UniversalDeepSetLinear, UniversalUNFLinear
+from learned_opt.weight_space import WeightSpace
 
 __all__ = [
     # Permutation specs.
@@ -62,5 +58,7 @@ __all__ = [
     "load",
     "load_optax",
     "CheckpointError",
+    "WeightSpace",
+    "presets",
     "hand_designed",
 ]

@@ -3,7 +3,7 @@
 Layout of ``path/``:
 
 * ``optimizer.json``: format version, library version, method name, config, and the weight
-  space's signature (every leaf's key path, shape, dtype and spec labels), plus the SHA-256 of
+  space (every leaf's key path, shape, dtype and spec labels), plus the SHA-256 of
   the meta-parameter file;
 * ``meta_params.msgpack``: the meta-parameters, Flax msgpack serialisation (no pickle).
 
@@ -32,7 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learned_opt.optimizers import LearnedOptimizer, agnostic_optax, learned_optimizer
+from learned_opt.adapters import agnostic_optax
+from learned_opt.direction import METHODS as DIRECTION_METHODS
+from learned_opt.optimizer import LearnedOptimizer
+from learned_opt.optimizers import learned_optimizer
 from learned_opt.spec import is_spec_leaf
 
 FORMAT = "learned_opt.optimizer"
@@ -96,27 +99,54 @@ def save(path: str | os.PathLike, lopt: LearnedOptimizer, meta_params: Any) -> s
     _compare_meta(expected, got, "meta_params given to save")
     spec_flat, _ = jax.tree_util.tree_flatten_with_path(lopt.perm_spec, is_leaf=is_spec_leaf)
     leaves = []
-    for (p, labels), (_, shape, _) in zip(spec_flat, lopt.signature, strict=True):
+    for (p, labels), shape in zip(spec_flat, lopt.weight_space.shapes, strict=True):
         keys = _keys(p)
         leaves.append(dict(keys=keys, shape=list(shape),
                            labels=[_label_to_json(lab, "/".join(keys)) for lab in labels]))
-    blob = flax.serialization.msgpack_serialize(
-        jax.tree.map(lambda x: np.asarray(x, np.float32), meta_params))
+    blob, sha = serialize(jax.tree.map(lambda x: np.asarray(x, np.float32), meta_params))
     header = dict(
         format=FORMAT, format_version=FORMAT_VERSION, library_version=_library_version(),
         name=lopt.name, config=dataclasses.asdict(lopt.config), weight_space=leaves,
         num_meta_params=int(sum(np.size(x) for _, x in got)),
-        meta_params_file=META_FILE, meta_params_sha256=hashlib.sha256(blob).hexdigest())
+        meta_params_file=META_FILE, meta_params_sha256=sha)
     header["header_sha256"] = _header_sha256(header)
     os.makedirs(path, exist_ok=True)
     # Write the data first and the header last, each through a temporary file, so that an
     # interrupted save never leaves a header that points at a half-written file.
-    for name, data in ((META_FILE, blob), (JSON_FILE, json.dumps(header, indent=2).encode())):
-        tmp = os.path.join(path, name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(path, name))
+    write_atomic(os.path.join(path, META_FILE), blob)
+    write_atomic(os.path.join(path, JSON_FILE), json.dumps(header, indent=2).encode())
     return os.fspath(path)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through ``path.tmp`` and ``os.replace``: a kill leaves the
+    old file or the new one, never half of one (every checkpoint file of the project)."""
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def serialize(tree: Any) -> tuple[bytes, str]:
+    """``tree`` as Flax msgpack (no pickle) and the SHA-256 (hex) of those bytes."""
+    blob = flax.serialization.msgpack_serialize(tree)
+    return blob, hashlib.sha256(blob).hexdigest()
+
+
+def read_verified(path: str | os.PathLike, sha256: str | None, recorded_in: str,
+                  error: type[Exception] = CheckpointError) -> Any:
+    """The msgpack tree (state dict) in ``path``, after checking its SHA-256 against ``sha256``
+    (``None``: files written before checksums were recorded, unchecked); ``error`` naming the
+    file when it does not match or cannot be decoded (``OSError`` when it cannot be read)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise error(f"corrupted checkpoint: {path} does not match the SHA-256 recorded in "
+                    f"{recorded_in}")
+    try:
+        return flax.serialization.msgpack_restore(blob)
+    except Exception as e:  # msgpack raises several types on malformed input
+        raise error(f"corrupted checkpoint: cannot decode {path} ({e})") from e
 
 
 def _compare_meta(expected, got, what: str) -> None:
@@ -184,15 +214,7 @@ def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, dict[str, Any]]:
     mpath = os.path.join(path, header.get("meta_params_file", META_FILE))
     if not os.path.isfile(mpath):
         raise CheckpointError(f"partial checkpoint: {mpath} is missing")
-    with open(mpath, "rb") as f:
-        blob = f.read()
-    if hashlib.sha256(blob).hexdigest() != header["meta_params_sha256"]:
-        raise CheckpointError(f"corrupted checkpoint: {mpath} does not match the SHA-256 "
-                              f"recorded in {JSON_FILE}")
-    try:
-        state = flax.serialization.msgpack_restore(blob)
-    except Exception as e:  # msgpack raises several types on malformed input
-        raise CheckpointError(f"corrupted checkpoint: cannot decode {mpath} ({e})") from e
+    state = read_verified(mpath, header["meta_params_sha256"], JSON_FILE)
     template = jax.eval_shape(lopt.init, jax.random.key(0))
     _compare_meta(_flat_arrays(template), _flat_arrays(state), f"checkpoint {path}")
     meta = flax.serialization.from_state_dict(template, state)
@@ -254,6 +276,8 @@ def load_optax(name_or_dir: str | os.PathLike, perm_spec=None, num_steps: int | 
       >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     """
     lopt, meta = load(resolve(name_or_dir))
+    if lopt.name in DIRECTION_METHODS:  # the default chain: direction, decay, schedule
+        return lopt.as_optax(meta, num_steps=num_steps, perm_spec=perm_spec)
     if lopt.agnostic:
         return agnostic_optax(lopt.name, meta, perm_spec, num_steps,
                               **dataclasses.asdict(lopt.config))

@@ -136,6 +136,17 @@ def label_sizes(params: PyTree, spec: PyTree, trailing_axes: int = 0) -> dict[La
     return sizes
 
 
+def channel_leaves(x: PyTree, spec: PyTree) -> tuple[list[str], list[Any], list[tuple]]:
+    """``(paths, arrays, labels)`` of a weight space whose leaves carry one trailing channel
+    axis (a weight-space layer's input), validated: ``PermSpecError`` naming the leaf when
+    ``spec`` does not fit, or when there are no leaves."""
+    label_sizes(x, spec, trailing_axes=1)
+    paths, arrays, labels = flatten_with_spec(x, spec)
+    if not arrays:
+        raise PermSpecError("the weight space has no leaves")
+    return paths, arrays, labels
+
+
 def random_permutations(key: jax.Array, sizes: Mapping[Label, int]) -> dict[Label, jax.Array]:
     """One uniformly random permutation per label (deterministic order of labels)."""
     perms = {}

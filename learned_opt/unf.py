@@ -45,18 +45,18 @@ Example:
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import string
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from learned_opt.spec import PermSpecError, flatten_with_spec, label_sizes
+from learned_opt.spec import flatten_with_spec, label_sizes
+from learned_opt.unf_plan import Group, Leaf, Plan, basis_blocks, kernel_name, leaf_layouts, prepare
 
 PyTree = Any
 
@@ -92,166 +92,7 @@ def num_basis_terms(out_labels: tuple, in_labels: tuple) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The plan: which patterns to read, how to group them, where each coefficient block lives.
-# It depends only on the spec's structure, its fixed-axis sizes and the channel counts, and is
-# built once per structure (cached), at trace time.
-
-Group = tuple[int, tuple[int, ...]]  # (label id, positions among the leaf's permuted axes)
-
-
-def _set_partitions(items: tuple) -> list[list[tuple]]:
-    """All partitions of ``items`` (in a fixed order); blocks keep the items' order."""
-    if not items:
-        return [[]]
-    first, rest = items[0], items[1:]
-    out = []
-    for part in _set_partitions(rest):
-        out.append([(first,), *part])
-        for k in range(len(part)):
-            out.append(part[:k] + [(first, *part[k])] + part[k + 1 :])
-    return out
-
-
-def _patterns(labels: tuple[int, ...]) -> list[tuple[tuple[Group, ...], tuple[bool, ...]]]:
-    """Every (grouping of a leaf's permuted axes into same-label diagonals, kept flags).
-
-    Groups are sorted by (label id, positions); ``kept[g]`` says whether group g is matched with a
-    group of the other leaf (True) or reduced / broadcast on its own (False).
-    """
-    by_label: dict[int, list[int]] = {}
-    for pos, lab in enumerate(labels):
-        by_label.setdefault(lab, []).append(pos)
-    per_label = [
-        [[(lab, block) for block in part] for part in _set_partitions(tuple(positions))]
-        for lab, positions in sorted(by_label.items())
-    ]
-    out = []
-    for combo in itertools.product(*per_label):
-        groups = tuple(sorted(g for part in combo for g in part))
-        for kept in itertools.product((False, True), repeat=len(groups)):
-            out.append((groups, kept))
-    return out
-
-
-def _signature(groups: tuple[Group, ...], kept: tuple[bool, ...]) -> tuple[int, ...]:
-    """Labels of the kept groups, in canonical (sorted) order."""
-    return tuple(lab for (lab, _), k in zip(groups, kept, strict=True) if k)
-
-
-def _label_preserving_orders(sig: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """All permutations of range(len(sig)) that only swap positions carrying the same label."""
-    runs: dict[int, list[int]] = {}
-    for pos, lab in enumerate(sig):
-        runs.setdefault(lab, []).append(pos)
-    orders = []
-    for choice in itertools.product(*(itertools.permutations(p) for p in runs.values())):
-        order = [0] * len(sig)
-        for positions, perm in zip(runs.values(), choice, strict=True):
-            for dst, src in zip(positions, perm, strict=True):
-                order[dst] = src
-        orders.append(tuple(order))
-    return orders
-
-
-class _Read(NamedTuple):
-    leaf: int
-    groups: tuple[Group, ...]
-    kept: tuple[bool, ...]
-
-
-class _Source(NamedTuple):
-    """One block of channels of a signature's concatenated input."""
-
-    read: int  # index into Plan.reads
-    order: tuple[int, ...]  # transpose of the read's kept axes into the signature's order
-    offset: int  # first channel in the signature's concatenation
-    width: int  # channels (c_in * fixed_in of the input leaf)
-
-
-class _Write(NamedTuple):
-    groups: tuple[Group, ...]
-    kept: tuple[bool, ...]  # here: "receives a kept input group"
-    sig: tuple[int, ...]
-    col: int  # first column of this pattern's coefficients in its signature's kernel
-
-
-class _Plan(NamedTuple):
-    reads: tuple[_Read, ...]
-    sources: dict  # signature -> tuple[_Source, ...] (the rows of its kernel)
-    widths: dict  # signature -> total input channels (rows of its kernel)
-    receivers: dict  # signature -> tuple[(out leaf, write index), ...] (its kernel's columns)
-    cols: dict  # signature -> total output columns
-    writes: tuple[tuple[_Write, ...], ...]  # per output leaf
-    fan_in: tuple[int, ...]  # per output leaf: sum of the input widths of all maps into it
-
-
-@functools.lru_cache(maxsize=256)
-def _build_plan(
-    labels: tuple[tuple[int, ...], ...], widths: tuple[int, ...], out_widths: tuple[int, ...]
-) -> _Plan:
-    """labels: per leaf, label ids of its permuted axes; widths: per leaf, c_in * fixed_in;
-    out_widths: per leaf, features * fixed_out."""
-    reads, by_sig = [], {}
-    for leaf, labs in enumerate(labels):
-        for groups, kept in _patterns(labs):
-            by_sig.setdefault(_signature(groups, kept), []).append(len(reads))
-            reads.append(_Read(leaf, groups, kept))
-    sources, sig_widths = {}, {}
-    for sig, read_ids in by_sig.items():
-        srcs, offset = [], 0
-        for r in read_ids:
-            for order in _label_preserving_orders(sig):
-                width = widths[reads[r].leaf]
-                srcs.append(_Source(r, order, offset, width))
-                offset += width
-        sources[sig], sig_widths[sig] = tuple(srcs), offset
-    writes, fan_in, receivers, cols = [], [], {}, {}
-    for o, labs in enumerate(labels):
-        leaf_writes, rows = [], 0
-        for groups, kept in _patterns(labs):
-            sig = _signature(groups, kept)
-            receivers.setdefault(sig, []).append((o, len(leaf_writes)))
-            leaf_writes.append(_Write(groups, kept, sig, cols.get(sig, 0)))
-            cols[sig] = cols.get(sig, 0) + out_widths[o]
-            rows += sig_widths[sig]
-        writes.append(tuple(leaf_writes))
-        fan_in.append(rows)
-    receivers = {sig: tuple(r) for sig, r in receivers.items()}
-    return _Plan(tuple(reads), sources, sig_widths, receivers, cols, tuple(writes), tuple(fan_in))
-
-
-class _Leaf(NamedTuple):
-    """How one leaf's axes are laid out: permuted axes first, then fixed axes folded in channels."""
-
-    perm_axes: tuple[int, ...]
-    fixed_axes: tuple[int, ...]
-    label_ids: tuple[int, ...]
-    fixed_size: int
-
-
-def _leaf_layouts(labels: list[tuple], shapes: list[tuple]) -> list[_Leaf]:
-    ids: dict = {}
-    out = []
-    for labs, shape in zip(labels, shapes, strict=True):
-        perm = tuple(a for a, lab in enumerate(labs) if lab is not None)
-        fixed = tuple(a for a, lab in enumerate(labs) if lab is None)
-        label_ids = tuple(ids.setdefault(labs[a], len(ids)) for a in perm)
-        out.append(_Leaf(perm, fixed, label_ids, math.prod(shape[a] for a in fixed)))
-    return out
-
-
-def _prepare(x: PyTree, spec: PyTree, features: int):
-    """Validate, lay out the leaves and build (or fetch) the plan."""
-    label_sizes(x, spec, trailing_axes=1)  # raises PermSpecError naming the leaf
-    paths, arrays, labels = flatten_with_spec(x, spec)
-    if not arrays:
-        raise PermSpecError("the weight space has no leaves")
-    shapes = [tuple(np.shape(a)) for a in arrays]
-    leaves = _leaf_layouts(labels, [s[:-1] for s in shapes])
-    widths = tuple(lf.fixed_size * s[-1] for lf, s in zip(leaves, shapes, strict=True))
-    out_widths = tuple(lf.fixed_size * features for lf in leaves)
-    plan = _build_plan(tuple(lf.label_ids for lf in leaves), widths, out_widths)
-    return paths, arrays, labels, leaves, plan
+# Reading and writing diagonals (the plan is in learned_opt.unf_plan).
 
 
 def _letters(n: int) -> str:
@@ -303,14 +144,14 @@ def _write(z: jax.Array, groups, kept, out_shape: tuple[int, ...]) -> jax.Array:
     return y.reshape(tuple(out_shape[p] if letters[p] in present else 1 for p in range(r)) + (-1,))
 
 
-def _to_internal(x: jax.Array, leaf: _Leaf) -> jax.Array:
+def _to_internal(x: jax.Array, leaf: Leaf) -> jax.Array:
     """(leaf axes..., c) -> (permuted axes..., fixed axes * c)."""
     order = leaf.perm_axes + leaf.fixed_axes + (x.ndim - 1,)
     x = jnp.transpose(x, order)
     return x.reshape(x.shape[: len(leaf.perm_axes)] + (-1,))
 
 
-def _from_internal(y: jax.Array, leaf: _Leaf, leaf_shape: tuple, features: int) -> jax.Array:
+def _from_internal(y: jax.Array, leaf: Leaf, leaf_shape: tuple, features: int) -> jax.Array:
     """(permuted axes..., fixed axes * features) -> (leaf axes..., features)."""
     order = leaf.perm_axes + leaf.fixed_axes
     y = y.reshape(tuple(leaf_shape[a] for a in order) + (features,))
@@ -318,30 +159,10 @@ def _from_internal(y: jax.Array, leaf: _Leaf, leaf_shape: tuple, features: int) 
     return jnp.transpose(y, inverse)
 
 
-def _canonical_partition(out_leaf: _Leaf, in_leaf: _Leaf, write: _Write, read: _Read, order):
-    """The basis map as a partition of joined axes: blocks of ('out'|'in', original axis)."""
-    blocks = []
-    in_kept = [g for g, k in zip(read.groups, read.kept, strict=True) if k]
-    out_kept = [g for g, k in zip(write.groups, write.kept, strict=True) if k]
-    for (_, out_pos), src in zip(out_kept, order, strict=True):
-        block = [("out", out_leaf.perm_axes[p]) for p in out_pos]
-        block += [("in", in_leaf.perm_axes[p]) for p in in_kept[src][1]]
-        blocks.append(tuple(sorted(block)))
-    for (_, pos), k in zip(write.groups, write.kept, strict=True):
-        if not k:
-            blocks.append(tuple(sorted(("out", out_leaf.perm_axes[p]) for p in pos)))
-    for (_, pos), k in zip(read.groups, read.kept, strict=True):
-        if not k:
-            blocks.append(tuple(sorted(("in", in_leaf.perm_axes[p]) for p in pos)))
-    return tuple(sorted(blocks))
-
 
 # --------------------------------------------------------------------------------------------
 # The layer.
 
-
-def _kernel_name(sig: tuple[int, ...]) -> str:
-    return "kernel_" + ("x".join(map(str, sig)) if sig else "pooled")
 
 
 class UNFLinear(nn.Module):
@@ -373,7 +194,7 @@ class UNFLinear(nn.Module):
 
     @nn.compact
     def __call__(self, x: PyTree, spec: PyTree) -> PyTree:
-        _, arrays, _, leaves, plan = _prepare(x, spec, self.features)
+        _, arrays, _, leaves, plan = prepare(x, spec, self.features)
         kernels = {}
         for sig, recv in plan.receivers.items():
             # std 1/sqrt(fan_in of the receiving output leaf), column block by column block.
@@ -382,7 +203,7 @@ class UNFLinear(nn.Module):
                 for o, _ in recv
             ])
             kernels[sig] = self.param(
-                _kernel_name(sig), _scaled_normal(col_std), (plan.widths[sig], plan.cols[sig])
+                kernel_name(sig), _scaled_normal(col_std), (plan.widths[sig], plan.cols[sig])
             )
         biases = [
             self.param(f"bias_{o}", nn.initializers.zeros, (lf.fixed_size * self.features,))
@@ -398,7 +219,7 @@ def _scaled_normal(col_std: np.ndarray):
     return init
 
 
-def _apply(plan: _Plan, leaves, arrays, kernels, biases, features: int, x_tree) -> PyTree:
+def _apply(plan: Plan, leaves, arrays, kernels, biases, features: int, x_tree) -> PyTree:
     dtype = jnp.result_type(*arrays, *kernels.values())
     internal = [
         _to_internal(jnp.asarray(a, dtype), lf) for a, lf in zip(arrays, leaves, strict=True)
@@ -442,22 +263,14 @@ def basis_coefficients(variables: PyTree, x: PyTree, spec: PyTree) -> tuple[dict
     """
     params = variables["params"] if "params" in variables else variables
     _, arrays, labels = flatten_with_spec(x, spec)
-    leaves0 = _leaf_layouts(labels, [tuple(np.shape(a))[:-1] for a in arrays])
+    leaves0 = leaf_layouts(labels, [tuple(np.shape(a))[:-1] for a in arrays])
     features = params["bias_0"].shape[0] // leaves0[0].fixed_size
-    _, _, _, leaves, plan = _prepare(x, spec, features)
     coeffs = {}
-    for sig, recv in plan.receivers.items():
-        kernel = params[_kernel_name(sig)]
-        for o, w in recv:
-            wr = plan.writes[o][w]
-            cols = leaves[o].fixed_size * features
-            for s in plan.sources[sig]:
-                rd = plan.reads[s.read]
-                part = _canonical_partition(leaves[o], leaves[rd.leaf], wr, rd, s.order)
-                key = (o, rd.leaf, part)
-                assert key not in coeffs, key  # every map appears exactly once
-                coeffs[key] = kernel[s.offset : s.offset + s.width, wr.col : wr.col + cols]
-    biases = [params[f"bias_{o}"] for o in range(len(leaves))]
+    for b in basis_blocks(x, spec, features):
+        key = (b.out_leaf, b.in_leaf, b.partition)
+        assert key not in coeffs, key  # every map appears exactly once
+        coeffs[key] = params[b.kernel][b.rows, b.cols]
+    biases = [params[f"bias_{o}"] for o in range(len(arrays))]
     return coeffs, biases
 
 

@@ -53,7 +53,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from learned_opt.spec import PermSpecError, flatten_with_spec, label_sizes
+from learned_opt.spec import PermSpecError, channel_leaves, flatten_with_spec
+from learned_opt.unf import UNFLinear
+from learned_opt.unf_plan import basis_blocks
+from learned_opt.weight_space import canonical_labels, relax_fixed_axes
 
 PyTree = Any
 
@@ -152,14 +155,6 @@ class _Plan(NamedTuple):
     axis_reads: tuple  # per (label, role, class): tuple of (leaf, axis)
 
 
-def _relabel(labels: list[tuple]) -> tuple[tuple[int, ...], ...]:
-    """Label ids per leaf; ``None`` axes get fresh ids of their own."""
-    ids: dict = {}
-    fresh = itertools.count(-1, -1)
-    return tuple(tuple(next(fresh) if lab is None else ids.setdefault(lab, len(ids))
-                       for lab in labs) for labs in labels)
-
-
 @functools.lru_cache(maxsize=256)
 def _build_plan(labels: tuple[tuple[int, ...], ...]) -> _Plan:
     index = _type_index()
@@ -252,14 +247,11 @@ def _place(z: jax.Array, out_axes: tuple[int, ...], rank: int) -> jax.Array:
 
 
 def _prepare(x: PyTree, spec: PyTree):
-    label_sizes(x, spec, trailing_axes=1)  # raises PermSpecError naming the leaf
-    _, arrays, labels = flatten_with_spec(x, spec)
-    if not arrays:
-        raise PermSpecError("the weight space has no leaves")
+    _, arrays, labels = channel_leaves(x, spec)
     widths = {np.shape(a)[-1] for a in arrays}
     if len(widths) != 1:
         raise PermSpecError(f"every leaf needs the same number of channels, got {sorted(widths)}")
-    return arrays, _build_plan(_relabel(labels))
+    return arrays, _build_plan(canonical_labels(labels, fresh_fixed=True))
 
 
 class UniversalUNFLinear(nn.Module):
@@ -335,10 +327,7 @@ class UniversalDeepSetLinear(nn.Module):
 
     @nn.compact
     def __call__(self, x: PyTree, spec: PyTree) -> PyTree:
-        label_sizes(x, spec, trailing_axes=1)
-        _, arrays, _ = flatten_with_spec(x, spec)
-        if not arrays:
-            raise PermSpecError("the weight space has no leaves")
+        _, arrays, _ = channel_leaves(x, spec)
         c_in = np.shape(arrays[0])[-1]
         init = nn.initializers.normal(1.0 / math.sqrt(2 * c_in))
         w_elem = self.param("elem", init, (c_in, self.features))
@@ -353,49 +342,38 @@ class UniversalDeepSetLinear(nn.Module):
 # The shared layer as a restricted UNFLinear.
 
 
-def relaxed_spec(spec: PyTree) -> PyTree:
-    """``spec`` with every ``None`` axis given a label of its own (what these layers assume)."""
-    flat, treedef = jax.tree_util.tree_flatten(
-        spec, is_leaf=lambda s: isinstance(s, tuple) and not hasattr(s, "_fields"))
-    counter = itertools.count()
-    out = [tuple(f"free:{next(counter)}" if lab is None else lab for lab in labs)
-           for labs in flat]
-    return jax.tree_util.tree_unflatten(treedef, out)
+# Every None axis given a label of its own (what these layers assume); the older name.
+relaxed_spec = relax_fixed_axes
 
 
 def as_unf_variables(variables: PyTree, x: PyTree, spec: PyTree) -> dict:
     """``UNFLinear`` variables computing the same function as ``UniversalUNFLinear`` with
-    ``variables`` on the weight space of ``x``, with ``relaxed_spec(spec)`` given to UNFLinear.
+    ``variables`` on the weight space of ``x``, with ``relax_fixed_axes(spec)`` given to
+    UNFLinear.
 
     Each basis map gets its type's coefficient divided by the number of maps of that type into
     its output leaf; the diagonal maps (blocks with two axes of one leaf) get zero.
     """
-    from learned_opt import unf
-
     params = variables["params"] if "params" in variables else variables
     kernel, bias = np.asarray(params["kernel"]), np.asarray(params["bias"])
     features = kernel.shape[-1]
-    rspec = relaxed_spec(spec)
+    rspec = relax_fixed_axes(spec)
     _, arrays, labels = flatten_with_spec(x, rspec)
-    plan_u = _build_plan(_relabel(labels))
+    plan_u = _build_plan(canonical_labels(labels, fresh_fixed=True))
     counts = [{g.type_id: g.count for g in groups} for groups in plan_u.groups]
     ranks = [np.ndim(a) - 1 for a in arrays]
-    _, _, _, leaves, plan = unf._prepare(x, rspec, features)
-    out = {}
-    for sig, recv in plan.receivers.items():
-        k = np.zeros((plan.widths[sig], plan.cols[sig]), kernel.dtype)
-        for o, w in recv:
-            wr = plan.writes[o][w]
-            for s in plan.sources[sig]:
-                rd = plan.reads[s.read]
-                part = unf._canonical_partition(leaves[o], leaves[rd.leaf], wr, rd, s.order)
-                matching = _partition_matching(part)
-                if matching is None:
-                    continue  # a diagonal map: not in the universal layer
-                t = _type_index()[map_type(o == rd.leaf, ranks[o], ranks[rd.leaf], matching)]
-                k[s.offset:s.offset + s.width, wr.col:wr.col + features] = (
-                    kernel[t] / counts[o][t])
-        out[unf._kernel_name(sig)] = jnp.asarray(k)
+    shapes = jax.eval_shape(lambda k: UNFLinear(features).init(k, x, rspec), jax.random.key(0)
+                            )["params"]  # spec labels are strings: closed over, not traced
+    out = {name: np.zeros(s.shape, kernel.dtype) for name, s in shapes.items()
+           if name.startswith("kernel")}
+    for b in basis_blocks(x, rspec, features):
+        matching = _partition_matching(b.partition)
+        if matching is None:
+            continue  # a diagonal map: not in the universal layer
+        t = _type_index()[map_type(b.out_leaf == b.in_leaf, ranks[b.out_leaf], ranks[b.in_leaf],
+                                   matching)]
+        out[b.kernel][b.rows, b.cols] = kernel[t] / counts[b.out_leaf][t]
+    out = {name: jnp.asarray(k) for name, k in out.items()}
     for o in range(len(arrays)):
         out[f"bias_{o}"] = jnp.asarray(bias[leaf_class(ranks[o])])
     return {"params": out}

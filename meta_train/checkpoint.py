@@ -16,7 +16,6 @@ of ``(seed, t)`` (``meta_train.train.step_key``), so the seed and the step fix i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -26,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import serialization
+
+from learned_opt.checkpoint import read_verified, serialize, write_atomic
 
 KEEP = 2  # training checkpoints kept on disk (the newest ones)
 
@@ -42,12 +43,6 @@ def _to_host(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save(run_dir: str | os.PathLike, step: int, state: Any, config_json: str, seed: int) -> Path:
     """Write the estimator state after ``step`` outer steps; returns the checkpoint's path."""
     ckpt_dir = Path(run_dir) / "checkpoints"
@@ -56,14 +51,14 @@ def save(run_dir: str | os.PathLike, step: int, state: Any, config_json: str, se
     if jax.process_index() != 0:
         return path
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    blob = serialization.msgpack_serialize(host)
-    _write_atomic(path, blob)
+    blob, sha = serialize(host)
+    write_atomic(path, blob)
     previous = latest(ckpt_dir.parent, missing_ok=True) or {}
-    entry = {"step": step, "file": path.name, "sha256": hashlib.sha256(blob).hexdigest()}
+    entry = {"step": step, "file": path.name, "sha256": sha}
     kept = [entry] + [k for k in previous.get("kept", []) if k["file"] != path.name]
     kept = kept[:KEEP]
     meta = entry | {"seed": seed, "config": json.loads(config_json), "kept": kept}
-    _write_atomic(ckpt_dir / "latest.json", json.dumps(meta, indent=2).encode())
+    write_atomic(ckpt_dir / "latest.json", json.dumps(meta, indent=2).encode())
     names = {k["file"] for k in kept}
     for old in ckpt_dir.glob("step_*.msgpack"):
         if old.name not in names:
@@ -110,13 +105,7 @@ def _check_leaves(template: Any, raw: Any, file: Path) -> None:
 
 
 def _read(file: Path, sha256: str | None, template: Any) -> Any:
-    data = file.read_bytes()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise TrainingCheckpointError(f"{file}: SHA-256 differs from latest.json (corrupted)")
-    try:
-        raw = serialization.msgpack_restore(data)
-    except Exception as e:  # msgpack raises several types for truncated or garbled bytes
-        raise TrainingCheckpointError(f"{file}: unreadable msgpack ({e})") from e
+    raw = read_verified(file, sha256, "latest.json", TrainingCheckpointError)
     _check_leaves(template, raw, file)
     state = serialization.from_state_dict(template, raw)
     # Leaves come back as numpy arrays; keep the template's dtypes exactly.

@@ -18,7 +18,7 @@ import json
 import math
 from typing import Any
 
-from meta_train.estimators import ESTIMATORS, FITNESS_SHAPING, OBJECTIVES
+from meta_train.estimators import ESTIMATORS, FITNESS_SHAPING, OBJECTIVES, OUTER_SCHEDULES
 from meta_train.inner import MEMBER_LOOPS
 from meta_train.tracking import WANDB_MODES
 
@@ -26,7 +26,7 @@ from meta_train.tracking import WANDB_MODES
 # ``choices`` come from here too).
 CHOICES = {"estimator": tuple(ESTIMATORS), "objective": OBJECTIVES,
            "fitness_shaping": tuple(FITNESS_SHAPING), "wandb": WANDB_MODES,
-           "member_loop": MEMBER_LOOPS}
+           "member_loop": MEMBER_LOOPS, "outer_schedule": OUTER_SCHEDULES}
 
 
 class ConfigError(ValueError):
@@ -58,6 +58,10 @@ class MetaTrainConfig:
                               "horizon] (rounded to a multiple of K); 0: every episode T long")
     outer_steps: int = _field(1000, "number of outer (meta-parameter) updates")
     outer_lr: float = _field(3e-3, "learning rate of the outer Adam")
+    outer_schedule: str = _field("constant", "outer learning-rate schedule: constant or cosine "
+                                 "(decays to 10%% of outer_lr at outer_steps)")
+    outer_weight_decay: float = _field(0.0, "decoupled weight decay of the outer optimizer "
+                                       "(AdamW; 0: Adam)")
     clip: float = _field(1.0, "global-norm clipping of the ES gradient before Adam")
     std: float = _field(0.01, "perturbation standard deviation")
     objective: str = _field("mean", "meta-objective: mean (training loss over each unroll), "
@@ -134,6 +138,9 @@ class MetaTrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):  # NaN fails both tests
                 raise ConfigError(f"{name} must be a finite positive number, got {value}")
+        if not (math.isfinite(self.outer_weight_decay) and self.outer_weight_decay >= 0):
+            raise ConfigError(f"outer_weight_decay must be a finite number >= 0, got "
+                              f"{self.outer_weight_decay}")
         if not (math.isfinite(self.loss_cap) and self.loss_cap >= 0):
             raise ConfigError(
                 f"loss_cap must be a finite number >= 0 (0: automatic), got {self.loss_cap}")
@@ -152,7 +159,8 @@ class MetaTrainConfig:
     # Fields that define the trajectory: a resumed run must keep them.
     RUN_FIELDS = (
         "task", "task_args", "optimizer", "optimizer_args", "estimator", "population",
-        "truncation", "horizon", "min_horizon", "outer_lr", "clip", "std", "objective",
+        "truncation", "horizon", "min_horizon", "outer_lr", "outer_schedule",
+        "outer_weight_decay", "clip", "std", "objective",
         "fitness_shaping", "loss_cap", "seed",
     )
 

@@ -74,13 +74,30 @@ def record_norm() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def outer_optimizer(learning_rate: float, clip: float = 1.0) -> optax.GradientTransformation:
-    """The paper's outer optimizer: Adam after clipping the ES gradient to global norm ``clip``.
+# Outer learning-rate schedules: constant (the paper's) or cosine decay to 10% over the run.
+OUTER_SCHEDULES = ("constant", "cosine")
+
+
+def outer_optimizer(learning_rate: float, clip: float = 1.0, weight_decay: float = 0.0,
+                    schedule: str = "constant", total_steps: int | None = None
+                    ) -> optax.GradientTransformation:
+    """The outer optimizer: Adam (the paper's; AdamW with ``weight_decay > 0``, Celo2's) after
+    clipping the ES gradient to global norm ``clip``, at a constant learning rate or one that
+    decays by cosine to 10% over ``total_steps`` (``schedule``, one of ``OUTER_SCHEDULES``).
 
     Estimators accept any optax optimizer (``optimizer=``); the ``grad_norm`` metric is the
     norm stored by a :func:`record_norm` in it (NaN without one).
     """
-    return optax.chain(record_norm(), optax.clip_by_global_norm(clip), optax.adam(learning_rate))
+    if schedule not in OUTER_SCHEDULES:
+        raise ValueError(f"schedule must be one of {OUTER_SCHEDULES}, got {schedule!r}")
+    lr = learning_rate
+    if schedule == "cosine":
+        if not total_steps or total_steps < 1:
+            raise ValueError("the cosine outer schedule needs total_steps >= 1")
+        lr = optax.cosine_decay_schedule(learning_rate, total_steps, alpha=0.1)
+    # Plain Adam when there is no decay: the optimizer state of earlier runs' checkpoints.
+    inner = optax.adam(lr) if weight_decay == 0 else optax.adamw(lr, weight_decay=weight_decay)
+    return optax.chain(record_norm(), optax.clip_by_global_norm(clip), inner)
 
 
 def _no_metrics(key, population, fitness, state, params):

@@ -28,11 +28,9 @@ Example (seconds; the tiny task)::
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -40,23 +38,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from learned_opt.features import PROGRESS_CENTRES
+from learned_opt import presets
 
 PAPER_OUTER_STEPS = 50_000
-# Reported field -> the ``evaluation.Runs`` field it summarises.
-RESULT_FIELDS = {"final_train_loss": "final_train", "final_test_loss": "final_test",
-                 "test_accuracy": "test_accuracy"}
 
 
-# Every method gets the same rule options (README, ablation): the network term scaled by rms(m)
-# and kept tangent to the weights, a step embedding that saturates within the shortest episode,
-# and training progress (the schedule and f's progress channels; sgdm gets the schedule alone).
-RULE = (("network_scale", "momentum_rms"), ("network_tangent", True),
-        ("step_timescales", (1, 3, 10, 30, 100, 300)), ("progress_centres", PROGRESS_CENTRES),
-        # Unclipped features: clipping to [-1, 1] before the per-tensor RMS makes the weight
-        # channel scale-dependent; without it the rule holds up at 5T (README ablation,
-        # mlp_fmnist unf: 0.4379 -> 0.3721 at T=10000 with 3,000 outer steps).
-        ("clip_features", False))
+# Every method gets the same rule options: the library's recommended preset (learned_opt.presets).
+RULE = tuple(presets.get("recommended").items())
 
 
 class TaskProtocol(NamedTuple):
@@ -239,31 +227,9 @@ def _tail_mean(rows: list[dict], key: str, n: int = 100) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def _curve(losses: np.ndarray, points: int = 200) -> dict:
-    """Mean and standard error over seeds of smoothed minibatch losses, ``points`` samples."""
-    from meta_train.evaluation import smooth
-
-    losses = np.where(np.isfinite(losses), losses, np.nan)
-    sm = smooth(losses, max(1, losses.shape[1] // 25))
-    idx = np.unique(np.linspace(0, sm.shape[1] - 1, points).astype(int))
-    mean = np.nanmean(sm[:, idx], axis=0)
-    se = np.nanstd(sm[:, idx], axis=0, ddof=1) / math.sqrt(len(sm)) if len(sm) > 1 else 0 * mean
-    return dict(step=(idx + 1).tolist(), mean=mean.tolist(), se=np.asarray(se).tolist())
-
-
-def _row(runs) -> dict:
-    from meta_train.evaluation import mean_se
-
-    row = {}
-    for field, source in RESULT_FIELDS.items():
-        m, se = mean_se(getattr(runs, source))
-        row[field], row[field + "_se"] = m, se
-    row["per_seed_final_train_loss"] = [float(x) for x in runs.final_train]
-    row["diverged_seeds"] = int(np.sum(~np.isfinite(runs.final_train)))
-    return row
-
-
 def _result_cells(entry: dict) -> dict:
+    from meta_train.evaluation import RESULT_FIELDS
+
     return {k: entry[k] for f in RESULT_FIELDS for k in (f, f + "_se")}
 
 
@@ -272,22 +238,20 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)  # atomic: a kill never leaves half a file
+    from learned_opt.checkpoint import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2).encode())  # a kill never leaves half a file
 
 
 def evaluate_task(protocol: TaskProtocol, methods, out, log=print) -> list[dict]:
     """Evaluate every meta-trained method and the tuned baselines at each horizon (cached).
 
     Seeds: ``EVAL_SEEDS`` (never used by meta-training); the baselines' learning rates are
-    chosen on ``TUNE_SEEDS`` at each horizon. Returns the rows of ``summary.csv``.
+    chosen on ``TUNE_SEEDS`` at each horizon (``meta_train.evaluation``). Returns the rows of
+    ``summary.csv``.
     """
-    import learned_opt
     import tasks
-    from learned_opt import hand_designed
-    from meta_train.evaluation import EVAL_SEEDS, TUNE_SEEDS, train_runs, tune_learning_rate
-    from meta_train.train import initial_meta_params
+    from meta_train.evaluation import EVAL_SEEDS, plot_curves
 
     task = tasks.get_task(protocol.task)
     task_dir = Path(out) / protocol.task
@@ -303,15 +267,9 @@ def evaluate_task(protocol: TaskProtocol, methods, out, log=print) -> list[dict]
         for base in BASELINES:
             entry = baselines.setdefault(key, {}).get(base)
             if entry is None or entry.get("seeds") != seeds:
-                make = hand_designed.BASELINES[base]
-                log(f"[{protocol.task}] tuning {base} at T={steps} on seeds {list(TUNE_SEEDS)}")
-                best, scores = tune_learning_rate(task, make, hand_designed.LR_GRIDS[base],
-                                                  TUNE_SEEDS, steps)
-                runs = train_runs(task, make(best), seeds, steps)
-                entry = _row(runs) | dict(lr=best, lr_grid_scores=scores, seeds=seeds,
-                                          tune_seeds=list(TUNE_SEEDS))
+                log(f"[{protocol.task}] tuning {base} at T={steps}")
+                entry = _evaluate_baseline(task, base, steps, seeds, curves[key], log)
                 baselines[key][base] = entry
-                curves[key][f"{base} (tuned lr {best:g})"] = _curve(runs.losses)
                 _write_json(base_path, baselines)
                 _write_json(curves_path, curves)
             rows.append(dict(task=protocol.task, method=f"{base} (tuned)", horizon=steps,
@@ -327,16 +285,8 @@ def evaluate_task(protocol: TaskProtocol, methods, out, log=print) -> list[dict]
             entry = summary.get("eval", {}).get(key)
             if entry is None or entry.get("optimizer_sha") != sha or entry["seeds"] != seeds:
                 log(f"[{protocol.task}/{method}] evaluating at T={steps} on seeds {seeds}")
-                lopt, meta = learned_opt.load(mdir / "optimizer")
-                runs = train_runs(task, lopt.as_optax(meta, num_steps=steps), seeds, steps)
-                run_seed = _read_json(mdir / "meta_train.json")["config"]["seed"]
-                init = initial_meta_params(lopt, run_seed)
-                runs0 = train_runs(task, lopt.as_optax(init, num_steps=steps), seeds, steps)
-                entry = _row(runs) | dict(seeds=seeds, optimizer_sha=sha,
-                                          initialisation=_row(runs0))
-                summary.setdefault("eval", {})[key] = entry
-                curves[key][method] = _curve(runs.losses)
-                curves[key][f"{method} (initialisation)"] = _curve(runs0.losses)
+                entry = _evaluate_method(task, mdir, method, steps, seeds, curves[key])
+                summary.setdefault("eval", {})[key] = entry | dict(optimizer_sha=sha)
                 _write_json(curves_path, curves)
             summary |= _read_json(mdir / "meta_train.json")
             _write_json(mdir / "summary.json", summary)
@@ -349,45 +299,53 @@ def evaluate_task(protocol: TaskProtocol, methods, out, log=print) -> list[dict]
                         | dict(initialisation_train_loss=entry["initialisation"][
                                    "final_train_loss"],
                                vs_tuned_adam=entry["final_train_loss"] - adam))
-    plot_task(curves, task_dir / "curves.png", protocol.task)
+    plot_curves(curves, task_dir / "curves.png", protocol.task, hide=("initialisation",))
     return rows
 
 
-def plot_task(curves: dict, path: Path, title: str) -> Path:
-    """One panel per horizon: meta-trained methods and tuned baselines (mean +- s.e.)."""
-    import matplotlib
+def _evaluate_baseline(task, base: str, steps: int, seeds: list, curves: dict, log) -> dict:
+    """``baselines.json``'s entry of one tuned baseline at ``steps``; adds its curve."""
+    from meta_train import evaluation
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    report = evaluation.evaluate(task, {base: evaluation.BASELINES[base]}, [steps], seeds,
+                                 evaluation.TUNE_SEEDS, log=lambda m: log(f"[{task.name}] {m}"))
+    lr = report.rows[0]["hparams"]["lr"]
+    runs = report.runs[steps, base]
+    curves[f"{base} (tuned lr {lr:g})"] = evaluation.curve(runs.losses)
+    scores = {s["lr"]: s["score"] for s in report.rows[0]["grid_scores"]}
+    return _entry(runs) | dict(lr=lr, lr_grid_scores=scores, seeds=seeds,
+                               tune_seeds=list(evaluation.TUNE_SEEDS))
 
-    keys = list(curves)
-    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.5), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        for name, c in curves[key].items():
-            if "initialisation" in name:
-                continue  # kept in curves.json; the figure compares methods, as the paper's
-            steps, mean, se = (np.asarray(c[k], float) for k in ("step", "mean", "se"))
-            style = "--" if "tuned" in name else "-"
-            ax.plot(steps, mean, style, label=name)
-            ax.fill_between(steps, mean - se, mean + se, alpha=0.2)
-        ax.set_yscale("log")
-        ax.set_xlabel("inner step")
-        ax.set_ylabel("training loss (minibatch, smoothed)")
-        ax.set_title(f"{title}, {key}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+def _evaluate_method(task, mdir: Path, method: str, steps: int, seeds: list,
+                     curves: dict) -> dict:
+    """A method's ``summary.json`` evaluation entry at ``steps`` (its initialisation
+    included); adds both curves."""
+    import learned_opt
+    from meta_train import evaluation
+    from meta_train.train import initial_meta_params
+
+    lopt, meta = learned_opt.load(mdir / "optimizer")
+    init = initial_meta_params(lopt, _read_json(mdir / "meta_train.json")["config"]["seed"])
+    metas = {method: meta, f"{method} (initialisation)": init}
+    report = evaluation.evaluate(
+        task, {name: evaluation.Candidate(lambda steps, m=m: lopt.as_optax(m, num_steps=steps))
+               for name, m in metas.items()}, [steps], seeds, log=lambda m: None)
+    for name in metas:
+        curves[name] = evaluation.curve(report.runs[steps, name].losses)
+    return _entry(report.runs[steps, method]) | dict(
+        seeds=seeds, initialisation=_entry(report.runs[steps, f"{method} (initialisation)"]))
+
+
+def _entry(runs) -> dict:
+    """Summarised runs in the layout of the committed results (no last-step loss)."""
+    from meta_train.evaluation import summarize_runs
+
+    return {k: v for k, v in summarize_runs(runs).items() if not k.startswith("train_loss_at")}
 
 
 def write_summary_csv(rows: list[dict], path) -> Path:
     """All rows of every task (``evaluate_task``) as one CSV."""
-    path = Path(path)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    from meta_train.evaluation import write_csv
+
+    return write_csv(rows, path)

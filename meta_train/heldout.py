@@ -26,10 +26,6 @@ import tasks
 from learned_opt.infer import infer_perm_spec
 from tasks.base import ClassificationTask, LanguageModelTask
 
-# Learning-rate grids of the tuned baselines here: the part of hand_designed.LR_GRIDS that
-# held every best value on the paper's tasks (results/experiment1), to fit a CPU session.
-GRIDS = {"adam": (1e-3, 3e-3, 1e-2, 3e-2), "sgdm": (0.01, 0.03, 0.1, 0.3)}
-
 
 class GRULM(nn.Module):
     """Byte-level language model: embedding, one GRU layer, output layer."""
@@ -122,32 +118,39 @@ def get_heldout(name: str):
     return HELDOUT[name][1]()
 
 
-def evaluate(optimizer: str, names: Sequence[str], horizons: Sequence[int], out,
-             seeds: Sequence[int] | None = None, tune_seeds: Sequence[int] | None = None,
-             log=print) -> list[dict]:
-    """Each held-out architecture at each horizon: the optimizer, its initialisation, and
-    Adam / SGDM tuned on ``tune_seeds`` (lowest tail training loss), on ``seeds``.
-
-    Writes ``out/<name>/T=<steps>.json`` as each finishes (a rerun skips them) and returns the
-    rows (final training loss on the full training split, mean and standard error).
-    """
+def candidates(optimizer: str, baselines: Sequence[str] = ("adam", "sgdm")) -> dict:
+    """The optimizer (``learned``), its initialisation, and ``baselines`` (names in
+    ``meta_train.evaluation.BASELINES``, tuned on their grids), as evaluation candidates."""
     import learned_opt
-    from learned_opt import hand_designed
-    from meta_train.evaluation import (
-        EVAL_SEEDS,
-        TUNE_SEEDS,
-        mean_se,
-        train_runs,
-        tune_learning_rate,
-    )
-
-    seeds = list(EVAL_SEEDS[:3] if seeds is None else seeds)
-    tune_seeds = list(TUNE_SEEDS[:2] if tune_seeds is None else tune_seeds)
+    from meta_train.evaluation import BASELINES, Candidate
     from meta_train.train import initial_meta_params
 
     lopt, meta = learned_opt.load(optimizer)
     init_meta = initial_meta_params(lopt, 0)  # where its meta-training started (seed 0)
     config = dataclasses.asdict(lopt.config)
+
+    def agnostic(m):
+        return Candidate(lambda task, steps: learned_opt.agnostic_optax(
+            lopt.name, m, task.perm_spec, steps, **config))
+
+    return ({"learned": agnostic(meta), "initialisation": agnostic(init_meta)}
+            | {f"{b} (tuned)": BASELINES[b] for b in baselines})
+
+
+def evaluate(optimizer: str, names: Sequence[str], horizons: Sequence[int], out,
+             seeds: Sequence[int] | None = None, tune_seeds: Sequence[int] | None = None,
+             baselines: Sequence[str] = ("adam", "sgdm"), log=print) -> list[dict]:
+    """Each held-out architecture at each horizon: ``candidates(optimizer, baselines)`` by
+    ``meta_train.evaluation.evaluate`` (baselines tuned on ``tune_seeds``), on ``seeds``.
+
+    Writes ``out/<name>/T=<steps>.json`` as each finishes (a rerun skips them) and returns the
+    rows (``evaluation.evaluate``'s, plus ``architecture``, ``method`` and ``lr``).
+    """
+    from meta_train import evaluation
+
+    seeds = list(evaluation.EVAL_SEEDS[:3] if seeds is None else seeds)
+    tune_seeds = list(evaluation.TUNE_SEEDS[:2] if tune_seeds is None else tune_seeds)
+    cands = candidates(optimizer, baselines)
     rows = []
     for name in names:
         task = get_heldout(name)
@@ -157,24 +160,83 @@ def evaluate(optimizer: str, names: Sequence[str], horizons: Sequence[int], out,
                 rows.extend(json.loads(path.read_text())["rows"])
                 continue
             log(f"[{name}] T={steps}")
-            results = {}
-            for label, m in (("learned", meta), ("initialisation", init_meta)):
-                tx = learned_opt.agnostic_optax(lopt.name, m, task.perm_spec, steps, **config)
-                results[label] = (train_runs(task, tx, seeds, steps), None)
-            for base, grid in GRIDS.items():
-                make = hand_designed.BASELINES[base]
-                best, scores = tune_learning_rate(task, make, grid, tune_seeds, steps)
-                log(f"[{name}] T={steps} {base}: lr {best:g} ({scores})")
-                results[f"{base} (tuned)"] = (train_runs(task, make(best), seeds, steps), best)
-            here = []
-            for label, (runs, lr) in results.items():
-                m, se = mean_se(runs.final_train)
-                here.append(dict(architecture=name, horizon=steps, method=label, lr=lr,
-                                 final_train_loss=m, final_train_loss_se=se,
-                                 per_seed=[float(x) for x in runs.final_train]))
+            report = evaluation.evaluate(task, cands, [steps], seeds, tune_seeds,
+                                         log=lambda m, name=name: log(f"[{name}] {m}"))
+            here = [dict(architecture=name, method=r["optimizer"],
+                         lr=(r["hparams"] or {}).get("lr")) | r for r in report.rows]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(dict(optimizer=optimizer, seeds=seeds,
-                                            tune_seeds=tune_seeds, grids=GRIDS,
-                                            rows=here), indent=2))
+                                            tune_seeds=tune_seeds, rows=here), indent=2))
             rows.extend(here)
+    return rows
+
+
+def get_architecture(name: str):
+    """A held-out architecture (``HELDOUT``) or a registered task (``tasks.list_tasks()``)."""
+    if name in HELDOUT:
+        return get_heldout(name)
+    if name in tasks.list_tasks():
+        return tasks.get_task(name)
+    raise KeyError(f"unknown architecture {name!r}; held-out: {list_heldout()}, or a task of "
+                   "tasks.list_tasks()")
+
+
+def direction_candidates(checkpoints: dict[str, str], lr_tuned: Sequence[str] = (),
+                         untrained: str | None = "normalised Adam (untrained rule)") -> dict:
+    """Learned-direction optimizers (``label -> checkpoint or shipped name``) as evaluation
+    candidates at their default schedule; those in ``lr_tuned`` also with the schedule's peak
+    tuned on AdamW's learning-rate grid; plus the untrained rule (Adam's direction normalised
+    per tensor, the same for every variant) under ``untrained`` when given."""
+    import learned_opt
+    from learned_opt import direction, hand_designed
+    from meta_train.evaluation import Candidate
+
+    def default(lopt, meta):
+        return Candidate(lambda task, steps: lopt.as_optax(meta, steps, task.perm_spec))
+
+    def tuned(lopt, meta):
+        def make(lr, task, steps):  # lr traced: the whole grid in one jit
+            shape = direction.default_schedule(1.0, steps, lopt.config.warmup_fraction)
+            return lopt.as_optax(meta, steps, task.perm_spec, learning_rate=lambda t: lr * shape(t))
+        return Candidate(make, {"lr": hand_designed.ADAM_LR_GRID})
+
+    out = {}
+    for label, path in checkpoints.items():
+        lopt, meta = learned_opt.load(path)
+        out[label] = default(lopt, meta)
+        if label in lr_tuned:
+            out[f"{label} (lr tuned)"] = tuned(lopt, meta)
+        if untrained and untrained not in out:
+            out[untrained] = default(lopt, lopt.init(jax.random.key(0)))
+    unknown = sorted(set(lr_tuned) - set(checkpoints))
+    if unknown:
+        raise ValueError(f"lr_tuned names {unknown}, which are not among {sorted(checkpoints)}")
+    return out
+
+
+def evaluate_candidates(candidates: dict, names: Sequence[str], horizons: Sequence[int], out,
+                        seeds: Sequence[int], tune_seeds: Sequence[int], log=print
+                        ) -> list[dict]:
+    """Each candidate on each architecture (``get_architecture``) at each horizon by
+    ``meta_train.evaluation.evaluate``: one JSON per (architecture, horizon, candidate) in
+    ``out/<architecture>/T=<steps>/<candidate>.json``, written as each finishes (a rerun, or
+    another process, skips finished ones). Returns every finished row for ``names``."""
+    from meta_train import evaluation
+
+    rows = []
+    for name in names:
+        task = get_architecture(name)
+        for steps in horizons:
+            for label, cand in candidates.items():
+                path = Path(out) / name / f"T={steps}" / f"{label.replace('/', '_')}.json"
+                if not path.exists():
+                    log(f"[{name}] T={steps} {label}")
+                    report = evaluation.evaluate(task, {label: cand}, [steps], seeds, tune_seeds,
+                                                 log=lambda m, n=name: log(f"[{n}] {m}"))
+                    row = dict(architecture=name) | report.rows[0]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(dict(seeds=list(seeds),
+                                                    tune_seeds=list(tune_seeds), row=row),
+                                               indent=2))
+                rows.append(json.loads(path.read_text())["row"])
     return rows

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import Mesh, PartitionSpec
 
 PyTree = Any
@@ -60,6 +61,53 @@ def over_members(fn, xs: PyTree, member_loop: str = "auto") -> PyTree:
     if resolve_member_loop(member_loop) == "vmap":
         return jax.vmap(fn)(xs)
     return jax.lax.map(fn, xs)
+
+
+def step_keys(data_key: jax.Array, start: jax.Array | int, num_steps: int) -> jax.Array:
+    """The batch keys of steps ``start .. start + num_steps - 1`` of a run whose data key is
+    ``data_key``: step ``s`` draws its batch from ``fold_in(data_key, s)``."""
+    steps = jnp.asarray(start) + jnp.arange(num_steps)
+    return jax.vmap(lambda s: jax.random.fold_in(data_key, s))(steps)
+
+
+def train_step(task, update, params: PyTree, opt_state: PyTree, key: jax.Array,
+               data: PyTree = None) -> tuple[PyTree, PyTree, jax.Array]:
+    """One training step: the batch ``task.sample_batch(key, "train", data)``, the loss and its
+    gradient, ``update(grads, opt_state, params) -> (updates, opt_state)`` (an optax
+    ``update``), ``params + updates``. Returns ``(params, opt_state, loss)``.
+
+    ``data`` (default ``task.data``): pass the task's arrays as an argument of the enclosing
+    jit so that they are not embedded in the compiled program as constants.
+    """
+    batch = task.sample_batch(key, "train", data=data)
+    loss, grads = jax.value_and_grad(task.loss)(params, batch)
+    updates, opt_state = update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def train_steps(task, update, params: PyTree, opt_state: PyTree, keys: jax.Array,
+                data: PyTree = None) -> tuple[PyTree, PyTree, jax.Array]:
+    """``train_step`` once per key of ``keys`` (``[T, ...]``) in one ``lax.scan``: the training
+    loop of every inner run, evaluation and benchmark. Returns ``(params, opt_state, losses
+    [T])``.
+
+    Example:
+      >>> import optax
+      >>> class Quadratic:  # a task: batches are ignored, the loss is |p|^2
+      ...     sample_batch = staticmethod(lambda key, split="train", data=None: None)
+      ...     loss = staticmethod(lambda p, batch: jnp.sum(p ** 2))
+      >>> tx = optax.sgd(0.25)
+      >>> p, _, losses = train_steps(Quadratic(), tx.update, jnp.ones(2), tx.init(jnp.ones(2)),
+      ...                            jax.random.split(jax.random.key(0), 3))
+      >>> losses.tolist(), p.tolist()
+      ([2.0, 0.5, 0.125], [0.125, 0.125])
+    """
+    def body(carry, key):
+        params, opt_state, loss = train_step(task, update, *carry, key, data)
+        return (params, opt_state), loss
+
+    (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), keys)
+    return params, opt_state, losses
 
 
 class InnerState(NamedTuple):
@@ -210,13 +258,15 @@ class InnerProblem:
         jit so that they are not embedded in the compiled program as constants.
         """
         key = jax.random.fold_in(state.data_key, state.step)
-        batch = self.task.sample_batch(key, "train", data=data)
-        loss, grads = jax.value_and_grad(self.task.loss)(state.params, batch)
-        # The episode's horizon is the run's length for optimizers that use training progress.
-        updates, opt_state = self.lopt.update(meta_params, state.opt_state, grads, state.params,
-                                              num_steps=state.length)
-        params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+        params, opt_state, loss = train_step(self.task, self._update(meta_params, state),
+                                             state.params, state.opt_state, key, data)
         return state._replace(params=params, opt_state=opt_state, step=state.step + 1), loss
+
+    def _update(self, meta_params: PyTree, state: InnerState):
+        """The learned optimizer's update as an optax ``update`` for one member."""
+        # The episode's horizon is the run's length for optimizers that use training progress.
+        return lambda grads, opt_state, params: self.lopt.update(
+            meta_params, opt_state, grads, params, num_steps=state.length)
 
     def unroll(
         self, meta_params: PyTree, state: InnerState, num_steps: int, data: PyTree = None
@@ -234,12 +284,11 @@ class InnerProblem:
         """
 
         def member(mp, st, data):
-            def body(s, _):
-                s, loss = self.step_one(mp, s, data)
-                return s, loss
-
-            st, losses = jax.lax.scan(body, st, None, length=num_steps)
-            return st, losses
+            params, opt_state, losses = train_steps(
+                self.task, self._update(mp, st), st.params, st.opt_state,
+                step_keys(st.data_key, st.step, num_steps), data)
+            return st._replace(params=params, opt_state=opt_state,
+                               step=st.step + num_steps), losses
 
         state, raw = self.map_members(lambda ms, d: member(*ms, d), (meta_params, state), data)
         out = UnrollOutput(

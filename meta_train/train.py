@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import learned_opt
 import tasks
+from learned_opt import direction
 from meta_train import checkpoint
 from meta_train.config import ConfigError, MetaTrainConfig
 from meta_train.estimators import ESTIMATORS, EstimatorState, outer_optimizer
@@ -99,11 +100,14 @@ def build_task(config: MetaTrainConfig, name: str | None = None):
 def build_optimizer(config: MetaTrainConfig, task, name: str | None = None):
     """The config's learned optimizer for ``task`` (registered as ``name``)."""
     name = config.task_names[0] if name is None else name
-    names = learned_opt.list_optimizers()
+    names = learned_opt.list_optimizers() + sorted(direction.METHODS)
     if config.optimizer not in names:
         raise ConfigError(f"unknown optimizer {config.optimizer!r}; choose one of {names}")
     params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
     try:
+        if config.optimizer in direction.METHODS:  # scale-free: no per-task defaults
+            return direction.learned_direction_optimizer(config.optimizer, params,
+                                                         task.perm_spec, **config.optimizer_args)
         # The task's defaults (e.g. a smaller initial step where 0.1 diverges), then the user's.
         # With several tasks only the user's: one optimizer must start the same on all.
         defaults = tasks.optimizer_defaults(name) if len(config.task_names) == 1 else {}
@@ -196,7 +200,8 @@ def build(config: MetaTrainConfig) -> Setup:
         truncation=config.truncation,
         horizon=config.horizon,
         std=config.std,
-        optimizer=outer_optimizer(config.outer_lr, config.clip),
+        optimizer=outer_optimizer(config.outer_lr, config.clip, config.outer_weight_decay,
+                                  config.outer_schedule, config.outer_steps),
         objective=config.objective,
         fitness_shaping=config.fitness_shaping,
         min_horizon=config.min_horizon,
@@ -489,9 +494,9 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
                  f"(over {_STEADY_STEPS} steps after compilation)")
         if bar is not None:
             # refresh=False: set_postfix would otherwise redraw every step, defeating mininterval
+            shown = {k: f"{row[k]:.3g}" for k in ("alpha",) if k in row}  # nominal step
             bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}",
-                            mean50=f"{sum(recent) / len(recent):.4f}",
-                            alpha=f"{row['alpha']:.3g}", refresh=False)
+                            mean50=f"{sum(recent) / len(recent):.4f}", **shown, refresh=False)
             bar.update(1)
 
     try:

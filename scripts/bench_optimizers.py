@@ -25,6 +25,7 @@ import optax
 
 import learned_opt
 import tasks
+from meta_train.inner import train_steps
 
 # Sizes of f reported by the paper (alpha, beta and decay included).
 PAPER_COUNTS = {
@@ -64,19 +65,13 @@ def count_table(task_names, methods):
                   f" | {'' if paper is None else f'{paper:,}'} |")
 
 
-def make_unroll(task, init_fn, update_fn, steps):
-    """K inner steps in one jitted scan; returns the final params and the mean loss."""
+def make_unroll(task, update_fn, steps):
+    """K inner steps in one jitted scan (``meta_train.inner.train_steps``); returns the final
+    params and the mean loss."""
 
     def unroll(params, opt_state, key):
-        def body(carry, k):
-            params, opt_state = carry
-            batch = task.sample_batch(k)
-            loss, grads = jax.value_and_grad(task.loss)(params, batch)
-            updates, opt_state = update_fn(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, opt_state), losses = jax.lax.scan(
-            body, (params, opt_state), jax.random.split(key, steps))
+        params, opt_state, losses = train_steps(task, update_fn, params, opt_state,
+                                                jax.random.split(key, steps))
         return params, opt_state, losses.mean()
 
     return jax.jit(unroll)
@@ -85,7 +80,7 @@ def make_unroll(task, init_fn, update_fn, steps):
 def compile_optimizer(task, params, tx, steps):
     """Compile K steps of ``tx`` on ``task``; also count its state floats per parameter."""
     opt_state = tx.init(params)
-    unroll = make_unroll(task, tx.init, tx.update, steps)
+    unroll = make_unroll(task, tx.update, steps)
     key = jax.random.key(0)
     t0 = time.perf_counter()
     compiled = unroll.lower(params, opt_state, key).compile()
@@ -152,7 +147,7 @@ def profile_table(name, repeats, members=1):
     import flax.linen as nn
 
     from learned_opt import features as feats
-    from learned_opt.optimizers import UpdateNetwork
+    from learned_opt.network import UpdateNetwork
     from learned_opt.unf import UNFLinear
 
     task = tasks.get_task(name)

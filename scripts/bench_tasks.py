@@ -28,26 +28,25 @@ import numpy as np
 import optax
 
 import tasks
+from meta_train.inner import train_steps
 
 LEARNING_RATE = 0.1
 
 
 def make_unroll(task, members: int, steps: int):
-    """jit(params, key, data) -> (params, losses): ``steps`` SGD steps of ``members`` runs."""
+    """jit(params, key, data) -> (params, losses): ``steps`` SGD steps of ``members`` runs
+    (``meta_train.inner.train_steps``, vmapped over the members)."""
+    sgd = optax.sgd(LEARNING_RATE)
 
-    def one_step(params, key, data):
-        batch = task.sample_batch(key, data=data)
-        loss, grads = jax.value_and_grad(task.loss)(params, batch)
-        return jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads), loss
+    def one_run(params, keys, data):
+        params, _, losses = train_steps(task, sgd.update, params, sgd.init(params), keys, data)
+        return params, losses
 
     def unroll(params, key, data):
-        def body(params, key):
-            if members == 1:
-                return one_step(params, key, data)
-            keys = jax.random.split(key, members)
-            return jax.vmap(one_step, in_axes=(0, 0, None))(params, keys, data)
-
-        return jax.lax.scan(body, params, jax.random.split(key, steps))
+        if members == 1:
+            return one_run(params, jax.random.split(key, steps), data)
+        keys = jax.random.split(key, (members, steps))
+        return jax.vmap(one_run, in_axes=(0, 0, None))(params, keys, data)
 
     return jax.jit(unroll)
 
@@ -87,14 +86,8 @@ def train_check(task, steps: int, learning_rate: float, max_examples: int) -> di
 
     @jax.jit
     def train(params, key, data):
-        def body(carry, key):
-            params, state = carry
-            loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(key, data=data))
-            updates, state = opt.update(grads, state, params)
-            return (optax.apply_updates(params, updates), state), loss
-
-        (params, _), losses = jax.lax.scan(body, (params, opt.init(params)),
-                                           jax.random.split(key, steps))
+        params, _, losses = train_steps(task, opt.update, params, opt.init(params),
+                                        jax.random.split(key, steps), data)
         return params, losses
 
     params = task.init(jax.random.key(0))

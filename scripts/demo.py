@@ -46,9 +46,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     import jax
 
+    from learned_opt import presets
     from meta_train import MetaTrainConfig, meta_train
-    from meta_train.evaluation import EVAL_SEEDS, TUNE_SEEDS, compare, format_table, train_runs
-    from meta_train.experiment import PROTOCOLS
     from meta_train.train import initial_meta_params
 
     out = Path(args.out)
@@ -63,7 +62,7 @@ def main(argv=None):
     # episode lengths drawn log-uniformly in [100, 2000], and the final-loss objective: at
     # T=200 with the mean objective the rule learnt a step size that is too large beyond its
     # horizon (README, "What make demo shows").
-    rule = {k: v for k, v in PROTOCOLS["mlp_fmnist"].optimizer_args if k != "progress_centres"}
+    rule = presets.get("recommended_fixed_horizon")
     config = MetaTrainConfig(
         task="mlp_fmnist", optimizer="unf", optimizer_args=rule, estimator="pes",
         population=population, truncation=50, horizon=2000, min_horizon=100, objective="final",
@@ -84,71 +83,45 @@ def main(argv=None):
     print("nominal terms, init -> trained: "
           + ", ".join(f"{k} {init_nominal[k]:.4g} -> {nominal[k]:.4g}" for k in nominal))
 
-    import tasks
-
-    task = tasks.get_task("mlp_fmnist")
-    seeds = [EVAL_SEEDS[0] + i for i in range(args.seeds)]
-
-    def learned_at(steps):  # optimizers with training progress are told the run's length
-        return {
-            "unf (meta-trained)": lopt.as_optax(meta, num_steps=steps),
-            "unf (meta-trained, beta=0)": lopt.as_optax(meta | {"beta": 0.0 * meta["beta"]},
-                                                        num_steps=steps),
-            "unf (initialisation)": lopt.as_optax(init, num_steps=steps),
-        }
-
-    learned = learned_at(config.horizon)
-    print(f"2/2 evaluating on unseen seeds {seeds} for T={config.horizon} steps "
-          f"(baselines tuned on seeds {list(TUNE_SEEDS)})")
-    rows, plot = compare(task, learned, steps=config.horizon, seeds=seeds,
-                         tune_seeds=TUNE_SEEDS, out_dir=out / "eval", wandb_mode=args.wandb,
-                         title=f"mlp_fmnist, T={config.horizon}, {len(seeds)} unseen seeds",
-                         info={"task": "mlp_fmnist", "run": str(out),
-                               "outer_steps": result.steps_done, "nominal": nominal})
-    print()
-    print(format_table(rows))
-    by = {r["optimizer"]: r for r in rows}
-    trained, beta0, ini = (by["unf (meta-trained)"], by["unf (meta-trained, beta=0)"],
-                           by["unf (initialisation)"])
-
-    def diff(a, b):
-        d = a["final_train_loss"] - b["final_train_loss"]
-        se = (a["final_train_loss_se"] ** 2 + b["final_train_loss_se"] ** 2) ** 0.5
-        return d, se
-
-    d_init, se_init = diff(trained, ini)
-    d_net, se_net = diff(trained, beta0)
-    print()
-    verdict = "beats" if d_init < 0 else "does NOT beat"
-    print(f"meta-training: trained {verdict} its initialisation at the horizon on unseen seeds "
-          f"(full training-split loss {trained['final_train_loss']:.4f} vs "
-          f"{ini['final_train_loss']:.4f}, difference {d_init:+.4f}, "
-          f"+- {se_init:.4f} combined standard error)")
-    print(f"network term: beta = {nominal['beta']:.4g}; setting it to 0 changes the loss by "
-          f"{-d_net:+.4f} (+- {se_net:.4f}); "
-          + ("the learned network term helps." if d_net < -2 * se_net else
-             "within noise of zero: the gain comes from the nominal terms (alpha, decay)."
-             if abs(d_net) <= 2 * se_net else "the network term hurts."))
-    long = 5 * config.horizon
-    print(f"\nbeyond the horizon: T={long} steps on the same unseen seeds")
-    far = {name: train_runs(task, learned_at(long)[name], seeds, long).final_train
-           for name in ("unf (meta-trained)", "unf (initialisation)")}
-    for name, losses in far.items():
-        print(f"  {name:<22} full training-split loss {losses.mean():.4f} +- "
-              f"{losses.std(ddof=1) / len(losses) ** 0.5:.4f}")
-    # Paired over seeds (both optimizers train the same networks on the same batches).
-    gap = far["unf (meta-trained)"] - far["unf (initialisation)"]
-    gap_mean, gap_se = gap.mean(), gap.std(ddof=1) / len(gap) ** 0.5
-    verdict = ("WORSE than" if gap_mean > 2 * gap_se else "better than"
-               if gap_mean < -2 * gap_se else "within noise of")
-    print(f"  the meta-trained rule is {verdict} its initialisation at "
-          f"{long // config.horizon}x its horizon (paired difference {gap_mean:+.4f} +- "
-          f"{gap_se:.4f} over the seeds)")
+    evaluate_demo(lopt, {"unf (meta-trained)": meta,
+                         "unf (meta-trained, beta=0)": meta | {"beta": 0.0 * meta["beta"]},
+                         "unf (initialisation)": init}, config.horizon, args, out,
+                  info={"task": "mlp_fmnist", "run": str(out), "outer_steps": result.steps_done,
+                        "nominal": nominal})
+    plot = out / "eval" / "curves.png"
     print(f"\nplot: {plot}\nsummary: {out / 'eval' / 'summary.json'}\n"
           f"optimizer checkpoint: {out / 'optimizer'} (learned_opt.load_optax reads it)\n"
           f"time: {time.perf_counter() - t_start:.0f} s ({t_train:.0f} s meta-training incl. "
           "setup)")
     return 0
+
+
+def evaluate_demo(lopt, metas: dict, horizon: int, args, out: Path, info: dict) -> None:
+    """Step 2: the learned optimizers ``metas`` against tuned SGDM and Adam at T, then the
+    trained one against its initialisation at 5T; tables and paired verdicts."""
+    import tasks
+    from meta_train import evaluation as ev
+
+    task = tasks.get_task("mlp_fmnist")
+    seeds = [ev.EVAL_SEEDS[0] + i for i in range(args.seeds)]
+    # Optimizers with training progress are told the run's length.
+    learned = {name: ev.Candidate(lambda steps, m=m: lopt.as_optax(m, num_steps=steps))
+               for name, m in metas.items()}
+    print(f"2/2 evaluating on unseen seeds {seeds} for T={horizon} steps "
+          f"(baselines tuned on seeds {list(ev.TUNE_SEEDS)})")
+    report = ev.evaluate(task, learned | {"sgdm (tuned)": ev.BASELINES["sgdm"],
+                                          "adam (tuned)": ev.BASELINES["adam"]},
+                         [horizon], seeds, ev.TUNE_SEEDS, out_dir=out / "eval", info=info,
+                         title=f"mlp_fmnist, {len(seeds)} unseen seeds", wandb_mode=args.wandb)
+    print(f"\n{ev.format_table(report.rows)}\n")
+    trained, no_net, init = metas
+    print("meta-training: " + ev.paired_text(report, trained, init, horizon))
+    print("network term: " + ev.paired_text(report, trained, no_net, horizon))
+    print(f"\nbeyond the horizon: T={5 * horizon} steps on the same unseen seeds")
+    far = ev.evaluate(task, {k: learned[k] for k in (trained, init)}, [5 * horizon], seeds,
+                      log=lambda m: None)
+    print(ev.format_table(far.rows))
+    print(ev.paired_text(far, trained, init, 5 * horizon))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Trains fresh task networks for T steps with the checkpointed optimizer, optionally its own
 initialisation, the same optimizer with beta = 0 (network term off), a meta-trained ``sgdm``
-checkpoint, and optax SGD-momentum / Adam at the best learning rate of a grid (chosen on
-separate tuning seeds by final training loss). Writes ``summary.json``, ``summary.csv`` and
+checkpoint, and the baselines of ``meta_train.evaluation.BASELINES`` tuned on separate tuning
+seeds (``meta_train.evaluation.evaluate``). Writes ``summary.json``, ``summary.csv`` and
 ``curves.png`` (mean and standard error over seeds) to ``--out`` and logs them to wandb.
 
 Example::
@@ -45,7 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="also evaluate the optimizer with beta = 0 (network term off)")
     p.add_argument("--sgdm", help="a meta-trained sgdm optimizer checkpoint to compare with")
     p.add_argument("--baselines", default="sgdm,adam",
-                   help="comma-separated tuned baselines (sgdm, adam; empty for none)")
+                   help="comma-separated baselines of meta_train.evaluation.BASELINES (sgdm, "
+                   "adam, adamw_cosine, adam_default; empty for none)")
     p.add_argument("--out", help="output directory (default RUN/eval or ./eval)")
     p.add_argument("--wandb", choices=WANDB_MODES, default="offline",
                    help="wandb mode")
@@ -86,8 +87,8 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     apply_data_dir(args.data_dir)
     import tasks
+    from meta_train import evaluation as ev
     from meta_train.cli import key_value
-    from meta_train.evaluation import EVAL_SEEDS, compare
     from meta_train.train import load_run_config
 
     run_config = load_run_config(args.run) if args.run else None
@@ -104,18 +105,22 @@ def main(argv=None) -> int:
         raise SystemExit(f"evaluate.py: error: --num-steps must be >= 1, got {args.num_steps}")
     learned = learned_candidates(args, run_config, args.num_steps or steps)
     baselines = [b for b in args.baselines.split(",") if b]
-    seeds = [EVAL_SEEDS[0] + i for i in range(args.seeds)]
-    tune = [200 + i for i in range(args.tune_seeds)]
+    unknown = sorted(set(baselines) - set(ev.BASELINES))
+    if unknown:
+        raise SystemExit(f"evaluate.py: error: unknown baseline(s) {unknown}; choose from "
+                         f"{list(ev.BASELINES)}")
+    seeds = [ev.EVAL_SEEDS[0] + i for i in range(args.seeds)]
+    tune = [ev.TUNE_SEEDS[0] + i for i in range(args.tune_seeds)]
     out = Path(args.out or (Path(args.run) / "eval" if args.run else "eval"))
-    rows, plot = compare(task, learned, steps=steps, baselines=baselines, seeds=seeds,
-                         tune_seeds=tune, out_dir=out, wandb_mode=args.wandb,
-                         title=f"{task_name}, T={steps}, {len(seeds)} seeds",
+    report = ev.evaluate(task, learned | {f"{b} (tuned)" if ev.BASELINES[b].grid else b:
+                                          ev.BASELINES[b] for b in baselines},
+                         [steps], seeds, tune, out_dir=out, wandb_mode=args.wandb,
+                         title=f"{task_name}, {len(seeds)} seeds",
                          info={"task": task_name, "task_args": task_args, "run": args.run})
-    from meta_train.evaluation import format_table
-
-    print(format_table(rows))
-    print(f"plot: {plot}\nsummary: {out / 'summary.json'}")
-    print(json.dumps({r["optimizer"]: round(r["final_train_loss"], 4) for r in rows}))
+    print(ev.format_table(report.rows))
+    print(f"plot: {out / 'curves.png'}\nsummary: {out / 'summary.json'}")
+    print(json.dumps({r["optimizer"]: round(r.get("final_train_loss", float("nan")), 4)
+                      for r in report.rows}))
     return 0
 
 

@@ -40,10 +40,11 @@ def main(argv=None) -> int:
             for row in json.loads(path.read_text())["rows"]]
     lines = ["| architecture | T | method | lr | final train loss (mean +- SE) |",
              "|---|---|---|---|---|"]
-    for r in rows:
+    for r in rows:  # a candidate whose every grid point diverged has no loss
         lr = "" if r["lr"] is None else f"{r['lr']:g}"
         lines.append(f"| {r['architecture']} | {r['horizon']} | {r['method']} | {lr} | "
-                     f"{r['final_train_loss']:.4f} +- {r['final_train_loss_se']:.4f} |")
+                     f"{r.get('final_train_loss', float('nan')):.4f} +- "
+                     f"{r.get('final_train_loss_se', float('nan')):.4f} |")
     table = "\n".join(lines)
     print(table)
     (Path(args.out) / "summary.md").write_text(table + "\n")

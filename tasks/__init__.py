@@ -10,6 +10,7 @@
 from tasks.base import ClassificationTask, LanguageModelTask, Task, cross_entropy
 from tasks.custom import CustomConfig, from_flax
 from tasks.data import DataFileError, DataNotFoundError
+from tasks.family import FAMILY, family_task_list
 from tasks.registry import (
     CNNConfig,
     MLPConfig,
@@ -21,6 +22,8 @@ from tasks.registry import (
 )
 
 __all__ = [
+    "FAMILY",
+    "family_task_list",
     "CNNConfig",
     "ClassificationTask",
     "CustomConfig",

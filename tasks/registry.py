@@ -153,14 +153,14 @@ def transformer_lm_spec(num_blocks: int, paper: bool = False) -> dict:
 
 # ----------------------------------------------------------------------------- builders
 @functools.cache
-def _device_data(loader: Callable, data_dir):
+def device_data(loader: Callable, data_dir):
     """Device copy of a dataset, made once per (loader, data directory) per process."""
     return jax.tree.map(jnp.asarray, loader(data_dir))
 
 
 def build_mlp_fmnist(config: MLPConfig, data_dir=None) -> Task:
     source_dir = datasets.resolve_data_dir(data_dir)
-    data = _device_data(datasets.load_fashion_mnist, source_dir)
+    data = device_data(datasets.load_fashion_mnist, source_dir)
     where = f"offline IDX files in {source_dir}" if source_dir else "tfds fashion_mnist"
     config = dataclasses.replace(config, data_source=f"Fashion-MNIST 8x8 ({where})")
     model = MLP(config.hidden_sizes, config.num_classes)
@@ -173,7 +173,7 @@ def build_mlp_fmnist(config: MLPConfig, data_dir=None) -> Task:
 
 def build_cnn_cifar10(config: CNNConfig, data_dir=None) -> Task:
     source_dir = datasets.resolve_data_dir(data_dir)
-    data = _device_data(datasets.load_cifar10, source_dir)
+    data = device_data(datasets.load_cifar10, source_dir)
     where = f"offline npz in {source_dir}" if source_dir else "tfds cifar10, 2x2 area average"
     config = dataclasses.replace(config, data_source=f"CIFAR-10 16x16 ({where})")
     model = CNN(config.channels, config.strides, config.num_classes, config.conv_impl)
@@ -191,7 +191,7 @@ def _text_streams(data_dir):
 def _text_data(data_dir):
     source_dir = datasets.resolve_data_dir(data_dir)
     _, source = datasets.load_text(source_dir)
-    streams = _device_data(_text_streams, source_dir)
+    streams = device_data(_text_streams, source_dir)
     return {split: {"tokens": s} for split, s in streams.items()}, source
 
 

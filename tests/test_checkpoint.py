@@ -34,7 +34,7 @@ def test_round_trip_gives_bit_identical_updates(tmp_path, name):
     path, lopt, meta, params, shapes = _saved(tmp_path, name)
     lopt2, meta2 = learned_opt.load(path)
     assert lopt2.name == name and lopt2.config == lopt.config
-    assert lopt2.signature == lopt.signature
+    assert lopt2.weight_space == lopt.weight_space
     for a, b in zip(jax.tree.leaves(meta), jax.tree.leaves(meta2), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     grads = random_tree(3, shapes)

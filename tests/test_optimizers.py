@@ -17,8 +17,10 @@ from learned_opt.features import (
     step_embedding,
     update_momenta,
 )
-from learned_opt.optimizers import LearnedOptimizerState, relax_fixed_axes
+from learned_opt.network import METHODS
+from learned_opt.optimizer import LearnedOptimizerState
 from learned_opt.spec import PermSpecError, label_sizes, permute
+from learned_opt.weight_space import relax_fixed_axes
 
 # ---------------------------------------------------------------- tiny weight spaces
 
@@ -132,7 +134,7 @@ RULE_OPTIONS = {
     # rms(m) / rms(f) is a ratio of per-tensor statistics: invariant.
     "normalised": {"network_scale": "normalised", "network_tangent": True},
 }
-NETWORK_METHODS = [m for m in learned_opt.list_optimizers() if m != "sgdm"]  # sgdm: no network
+NETWORK_METHODS = [m for m in sorted(METHODS) if m != "sgdm"]  # the nominal rule's; sgdm: no network
 EQUIVARIANCE_CASES = [(m, s, "paper") for m in NETWORK_METHODS
                       for s in SPACES if not (m == "nfn" and s in ("rnn", "transformer"))]
 EQUIVARIANCE_CASES += [("unf", "mlp", "momentum_rms"), ("deepset", "rnn", "momentum_rms"),
@@ -442,15 +444,19 @@ def test_hand_designed_baselines():
     shapes, _ = mlp_space()
     params = random_tree(0, shapes)
     grads = random_tree(1, shapes)
-    for name, grid in hand_designed.LR_GRIDS.items():
+    from meta_train.evaluation import BASELINES, build, grid_points
+
+    for grid in (hand_designed.LR_GRID, hand_designed.ADAM_LR_GRID, hand_designed.SGDM_LR_GRID):
         assert list(grid) == sorted(grid) and len(grid) >= 5
-        tx = hand_designed.get(name, grid[0])
+    for name, cand in BASELINES.items():
+        tx = build(cand, None, 100, **grid_points(cand.grid)[0])
         u, _ = tx.update(grads, tx.init(params), params)
-        assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
+        assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params), name
     u, _ = hand_designed.sgdm(0.1).update(grads, hand_designed.sgdm(0.1).init(params))
     assert_trees_close(u, jax.tree.map(lambda g: -0.1 * g, grads), rtol=1e-6)
-    with pytest.raises(ValueError, match="unknown baseline"):
-        hand_designed.get("lion", 0.1)
+    # AdamW + cosine: zero at step 0 (warm-up from 0), the peak after 5% of the steps.
+    schedule = hand_designed.warmup_cosine(1e-2, 100)
+    assert float(schedule(0)) == 0.0 and abs(float(schedule(5)) - 1e-2) < 1e-9
 
 
 # ---------------------------------------------------------------- network-term scaling

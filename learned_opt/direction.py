@@ -1,0 +1,482 @@
+"""Learned-direction optimizers: a scale-free learned rule whose step size lives outside it.
+
+The recipe of Celo2 (Moudgil et al., ICLR 2026), with a weight-space layer as its option:
+
+1. Scale-free inputs. For every parameter, :data:`FEATURES` (gradient, weight, three momenta,
+   the second moment, Adam's ratios, Adafactor's factored ratios and factors), each divided by
+   its root mean square over the tensor. Multiplying a tensor's weights and gradients by any
+   ``c > 0`` changes none of them.
+2. A small per-parameter network (``num_hidden`` ReLU layers of ``hidden_features``) and a
+   readout: per parameter (``layer="none"``, Celo2-like), the weight-space-agnostic Deep Set
+   layer (``"deepset"``) or the weight-space-agnostic UNF layer (``"unf"``,
+   :class:`learned_opt.UniversalUNFLinear`), which lets each parameter's direction depend on
+   the rest of the weight space, equivariantly. A linear skip from the inputs starts at
+   Adam's direction (``m / sqrt(v)``) and the readout at zero, so the untrained rule is Adam
+   normalised per tensor.
+3. Direction only: the output is divided by its RMS over each tensor (unit RMS per tensor).
+4. The step size outside: ``optax.scale_by_learning_rate(schedule)`` (and decoupled weight
+   decay) after :func:`scale_by_learned_direction`; :func:`default_schedule` is the one the
+   rule was meta-trained under (linear warm-up, cosine decay over the run).
+
+A non-finite gradient entry gets a zero update and leaves every statistic, and so every other
+entry, as it would have been with a zero gradient there: it cannot spread through the per-tensor
+statistics or the weight-space layer.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> params = {"d0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+  ...           "d1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  >>> lopt = learned_direction_optimizer("direction_unf", params)
+  >>> meta = lopt.init(jax.random.key(0))
+  >>> tx = optax.chain(scale_by_learned_direction(meta, lopt.config, "unf"),
+  ...                  optax.scale_by_learning_rate(1e-3))
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  >>> round(float(jnp.sqrt(jnp.mean(updates["d0"]["kernel"] ** 2))), 6)  # lr x unit RMS
+  0.001
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from learned_opt.spec import PermSpecError, is_spec_leaf, label_sizes, path_str
+from learned_opt.universal import UniversalDeepSetLinear, UniversalUNFLinear
+from learned_opt.weight_space import WeightSpace, check_arrays, relax_fixed_axes
+
+PyTree = Any
+
+# Readout after the per-parameter layers: the ablation's three variants.
+LAYERS = {"none": None, "deepset": UniversalDeepSetLinear, "unf": UniversalUNFLinear}
+# Registered method names (learned_opt.learned_optimizer) -> readout layer.
+METHODS = {"direction_elementwise": "none", "direction_deepset": "deepset",
+           "direction_unf": "unf"}
+# What rank <= 1 leaves (biases, norms' scales) get: the learned direction, or Adam's
+# bias-corrected direction (Celo2's recommended variant uses AdamW for them).
+VECTOR_RULES = ("learned", "adam")
+# Input channels, in order; every one is RMS-normalised per tensor.
+FEATURES = ("g", "p", "m_0", "m_1", "m_2", "v", "m_0/sqrt(v)", "m_1/sqrt(v)", "m_2/sqrt(v)",
+            "1/sqrt(v)", "g/sqrt(v)", "g/sqrt(v_factored)", "m_0/sqrt(v_factored)",
+            "v_row", "v_col")
+SKIP_INIT_FEATURE = "m_0/sqrt(v)"  # the untrained rule's direction: Adam's (b1 0.9)
+_REL_EPS = 1e-6  # epsilon relative to the tensor's mean second moment: keeps 1/sqrt(v) finite
+_TINY = 1e-30  # and scale-free (an absolute epsilon would not be)
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectionConfig:
+    """Options of a learned-direction rule (saved with every checkpoint).
+
+    Attributes:
+      layer: readout, one of ``LAYERS``.
+      hidden_features, num_hidden: the per-parameter network (Celo2: 2 layers of 8).
+      momentum_decays: three averaging-form momenta ``m <- d m + (1 - d) g``.
+      second_moment_decay: of ``v``, the mean squared gradient (Celo2: 0.95).
+      factored_decay: of Adafactor's row and column means of g^2 (for rank <= 1 leaves: of the
+        full mean of g^2, which is also Adam's ``v`` for ``vector_rule="adam"``).
+      vector_rule: one of ``VECTOR_RULES``.
+      learning_rate: peak of :func:`default_schedule` (meta-training and default use).
+      warmup_fraction: linear warm-up of :func:`default_schedule`, as a fraction of the run.
+      weight_decay: decoupled weight decay of the default chain (``lr * wd * p``).
+    """
+
+    layer: str = "unf"
+    hidden_features: int = 8
+    num_hidden: int = 2
+    momentum_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    second_moment_decay: float = 0.95
+    factored_decay: float = 0.999
+    vector_rule: str = "learned"
+    learning_rate: float = 3e-3
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "momentum_decays", tuple(float(d) for d in self.momentum_decays))
+        if self.layer not in LAYERS:
+            raise ValueError(f"layer must be one of {tuple(LAYERS)}, got {self.layer!r}")
+        if self.vector_rule not in VECTOR_RULES:
+            raise ValueError(f"vector_rule must be one of {VECTOR_RULES}, got "
+                             f"{self.vector_rule!r}")
+        if len(self.momentum_decays) != 3:
+            raise ValueError(f"momentum_decays must hold 3 decays (FEATURES has m_0..m_2), got "
+                             f"{self.momentum_decays}")
+        decays = (*self.momentum_decays, self.second_moment_decay, self.factored_decay)
+        if not all(0.0 < d < 1.0 for d in decays):
+            raise ValueError(f"every decay must lie in (0, 1), got {decays}")
+        if self.hidden_features < 1 or self.num_hidden < 0:
+            raise ValueError(f"hidden_features must be >= 1 and num_hidden >= 0, got "
+                             f"{self.hidden_features}, {self.num_hidden}")
+        if not (self.learning_rate > 0 and 0 <= self.warmup_fraction < 1
+                and self.weight_decay >= 0):
+            raise ValueError("learning_rate must be > 0, warmup_fraction in [0, 1) and "
+                             "weight_decay >= 0")
+
+
+class DirectionState(NamedTuple):
+    """Inner-loop state of a learned-direction rule (float32 statistics)."""
+
+    step: jax.Array  # int32 scalar: updates applied so far
+    momenta: PyTree  # leaf_shape + (3,)
+    second_moment: PyTree  # leaf_shape
+    row: PyTree  # rank >= 2: mean of g^2 over the last axis; else the full mean of g^2
+    col: PyTree  # rank >= 2: mean of g^2 over the second-to-last axis; else shape (0,)
+
+
+def default_schedule(learning_rate: float, num_steps: int | None,
+                     warmup_fraction: float = 0.05) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate`` over ``warmup_fraction`` of the run, then cosine
+    decay to 0 at ``num_steps`` (and 0 after it). ``num_steps=None``: warm-up over 100 steps,
+    then constant (for runs of unknown length).
+
+    Example:
+      >>> s = default_schedule(1e-3, 1000)
+      >>> [round(float(s(t)), 6) for t in (0, 50, 1000)]
+      [0.0, 0.001, 0.0]
+    """
+    if num_steps is None:
+        return optax.linear_schedule(0.0, learning_rate, 100)
+    warmup = int(warmup_fraction * num_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(num_steps, 1))
+
+
+def _schedule_value(cfg: DirectionConfig, step: jax.Array, num_steps) -> jax.Array:
+    """:func:`default_schedule` at ``step`` for a traced ``num_steps`` (meta-training)."""
+    if num_steps is None:
+        return default_schedule(cfg.learning_rate, None)(step)
+    n = jnp.maximum(jnp.asarray(num_steps, jnp.float32), 1.0)
+    t = jnp.asarray(step, jnp.float32)
+    warmup = jnp.floor(cfg.warmup_fraction * n)
+    rise = cfg.learning_rate * t / jnp.maximum(warmup, 1.0)
+    frac = jnp.clip((t - warmup) / jnp.maximum(n - warmup, 1.0), 0.0, 1.0)
+    fall = cfg.learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(t < warmup, rise, fall)
+
+
+# ----------------------------------------------------------------------------- statistics
+def _rms_normalise(x: jax.Array) -> jax.Array:
+    """Each channel (last axis) divided by its RMS over the tensor's elements."""
+    axes = tuple(range(x.ndim - 1))
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + _TINY)
+
+
+def _rsqrt_rel(v: jax.Array) -> jax.Array:
+    """``1 / sqrt(v + eps)`` with eps relative to the tensor's mean (scale-free)."""
+    return jax.lax.rsqrt(v + _REL_EPS * jnp.mean(v) + _TINY)
+
+
+def _init_leaf(p) -> tuple:
+    shape = tuple(np.shape(p))
+    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+    if len(shape) >= 2:
+        return zeros(shape + (3,)), zeros(shape), zeros(shape[:-1]), zeros(shape[:-2] + shape[-1:])
+    return zeros(shape + (3,)), zeros(shape), zeros(shape), zeros((0,))
+
+
+def _update_leaf(cfg: DirectionConfig, g, m, v, row, col) -> tuple:
+    """New statistics of one leaf from its (finite, float32) gradient."""
+    d = jnp.asarray(cfg.momentum_decays, jnp.float32)
+    m = d * m + (1.0 - d) * g[..., None]
+    g2 = jnp.square(g)
+    v = cfg.second_moment_decay * v + (1.0 - cfg.second_moment_decay) * g2
+    f = cfg.factored_decay
+    if g.ndim >= 2:
+        row = f * row + (1.0 - f) * jnp.mean(g2, axis=-1)
+        col = f * col + (1.0 - f) * jnp.mean(g2, axis=-2)
+    else:
+        row = f * row + (1.0 - f) * g2
+    return m, v, row, col
+
+
+def _features(p, g, m, v, row, col) -> jax.Array:
+    """The ``FEATURES`` of one leaf, RMS-normalised per tensor: ``leaf_shape + (15,)``."""
+    rv = _rsqrt_rel(v)
+    if g.ndim >= 2:
+        # Adafactor's estimate of v: row x col / mean(row), and its two factors broadcast.
+        v_fac = row[..., :, None] * col[..., None, :] / (
+            jnp.mean(row, axis=-1, keepdims=True)[..., None] + _TINY)
+        row_b = jnp.broadcast_to(row[..., :, None], g.shape)
+        col_b = jnp.broadcast_to(col[..., None, :], g.shape)
+    else:
+        v_fac, row_b, col_b = row, row, row
+    rf = _rsqrt_rel(v_fac)
+    chans = [g, p, m[..., 0], m[..., 1], m[..., 2], v, m[..., 0] * rv, m[..., 1] * rv,
+             m[..., 2] * rv, rv, g * rv, g * rf, m[..., 0] * rf, row_b, col_b]
+    return _rms_normalise(jnp.stack(chans, axis=-1))
+
+
+def _adam_direction(cfg: DirectionConfig, m, row, step) -> jax.Array:
+    """Adam's bias-corrected direction (b1 = momentum_decays[0], b2 = factored_decay)."""
+    t = jnp.asarray(step, jnp.float32) + 1.0
+    b1, b2 = cfg.momentum_decays[0], cfg.factored_decay
+    m_hat = m[..., 0] / (1.0 - b1 ** t)
+    v_hat = row / (1.0 - b2 ** t)
+    return m_hat / (jnp.sqrt(v_hat) + 1e-8)
+
+
+# ----------------------------------------------------------------------------- network
+class DirectionNetwork(nn.Module):
+    """Per-parameter layers on ``FEATURES``, then the readout; plus a linear skip.
+
+    Input: a list of feature arrays ``leaf_shape + (len(FEATURES),)``; output: a list of
+    arrays ``leaf_shape`` (before the per-tensor normalisation).
+    """
+
+    layer: str
+    hidden_features: int
+    num_hidden: int
+
+    @nn.compact
+    def __call__(self, xs: list[jax.Array], spec: PyTree) -> list[jax.Array]:
+        sizes = [math.prod(x.shape[:-1]) for x in xs]
+        flat = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs], axis=0)
+        skip = flat @ self.param("skip", _skip_init, (flat.shape[-1],))
+        h = flat
+        for i in range(self.num_hidden):
+            h = nn.relu(nn.Dense(self.hidden_features, name=f"dense_{i}")(h))
+        if LAYERS[self.layer] is None:
+            out = nn.Dense(1, name="readout")(h)[:, 0]
+        else:
+            parts = jnp.split(h, np.cumsum(sizes)[:-1], axis=0)
+            tree = jax.tree.unflatten(jax.tree.structure(spec, is_leaf=is_spec_leaf),
+                                      [p.reshape(x.shape[:-1] + (h.shape[-1],))
+                                       for p, x in zip(parts, xs, strict=True)])
+            y = LAYERS[self.layer](1, name="readout")(tree, spec)
+            out = jnp.concatenate([a.reshape(-1) for a in jax.tree.leaves(y)])
+        out = skip + out
+        return [o.reshape(x.shape[:-1])
+                for o, x in zip(jnp.split(out, np.cumsum(sizes)[:-1]), xs, strict=True)]
+
+
+def _skip_init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.zeros(shape, dtype).at[FEATURES.index(SKIP_INIT_FEATURE)].set(1.0)
+
+
+# ----------------------------------------------------------------------------- the rule
+def direction_update(meta_params: PyTree, config: DirectionConfig, state: DirectionState,
+                     grads: PyTree, params: PyTree, net_spec: PyTree = None
+                     ) -> tuple[PyTree, DirectionState]:
+    """One step of the rule: ``(direction, new_state)``, the direction with unit RMS per tensor
+    (``vector_rule="adam"``: Adam's direction on rank <= 1 leaves), in the gradients' dtypes.
+
+    ``net_spec``: the (relaxed) permutation spec of ``params``; needed unless
+    ``config.layer == "none"``.
+    """
+    treedef = jax.tree.structure(params)
+    gs, ps = treedef.flatten_up_to(grads), jax.tree.leaves(params)
+    finite = [jnp.isfinite(g) for g in gs]
+    g32 = [jnp.where(ok, g, 0).astype(jnp.float32) for ok, g in zip(finite, gs, strict=True)]
+    stats = [_update_leaf(config, g, *s) for g, s in zip(g32, zip(
+        *(treedef.flatten_up_to(x) for x in state[1:]), strict=True), strict=True)]
+    xs = [_features(p.astype(jnp.float32), g, *s) for p, g, s in zip(ps, g32, stats, strict=True)]
+    net = DirectionNetwork(config.layer, config.hidden_features, config.num_hidden)
+    raw = net.apply({"params": meta_params["net"]}, xs, net_spec)
+    out = []
+    for d, ok, g, (m, _, row, _) in zip(raw, finite, gs, stats, strict=True):
+        if config.vector_rule == "adam" and g.ndim <= 1:
+            d = _adam_direction(config, m, row, state.step)
+        else:
+            d = d * jax.lax.rsqrt(jnp.mean(jnp.square(d)) + _TINY)
+        out.append(jnp.where(ok, d, 0).astype(g.dtype))
+    new = DirectionState(state.step + 1,
+                         *(treedef.unflatten(list(s)) for s in zip(*stats, strict=True)))
+    return treedef.unflatten(out), new
+
+
+def init_direction_state(params: PyTree) -> DirectionState:
+    """Zero statistics for ``params``."""
+    treedef = jax.tree.structure(params)
+    leaves = [_init_leaf(p) for p in jax.tree.leaves(params)]
+    return DirectionState(jnp.zeros((), jnp.int32),
+                          *(treedef.unflatten(list(s)) for s in zip(*leaves, strict=True)))
+
+
+def _net_spec_for(layer: str, params: PyTree, perm_spec: PyTree) -> PyTree:
+    """The relaxed spec the readout layer needs (``None`` for ``layer="none"``)."""
+    if LAYERS[layer] is None:
+        return None
+    if perm_spec is None:
+        from learned_opt.infer import infer_perm_spec
+
+        try:
+            perm_spec = infer_perm_spec(params)
+        except PermSpecError as e:
+            raise PermSpecError(f"the learned-direction rule with layer {layer!r} needs a "
+                                f"permutation spec and none could be inferred ({e}); pass "
+                                "perm_spec=..., or use layer 'none'") from e
+    label_sizes(params, perm_spec)
+    return relax_fixed_axes(perm_spec)
+
+
+def scale_by_learned_direction(meta_params: PyTree, config: DirectionConfig | None = None,
+                               layer: str | None = None, perm_spec: PyTree = None
+                               ) -> optax.GradientTransformationExtraArgs:
+    """The learned direction as an optax transformation (unit RMS per tensor; no step size).
+
+    Chain it with ``optax.add_decayed_weights`` and ``optax.scale_by_learning_rate``
+    (:func:`learned_direction` does). ``update`` needs ``params``. ``perm_spec``: the spec of
+    the parameters (inferred once per tree structure when ``None``; unused with layer "none").
+    """
+    config = config or DirectionConfig()
+    if layer is not None:
+        config = dataclasses.replace(config, layer=layer)
+    specs: dict = {}
+
+    def spec_of(params):
+        flat, treedef = jax.tree.flatten(params)
+        key = (treedef, tuple(np.shape(x) for x in flat))
+        if key not in specs:
+            specs[key] = _net_spec_for(config.layer, params, perm_spec)
+        return specs[key]
+
+    def init_fn(params):
+        check_arrays(params)
+        spec_of(params)
+        return init_direction_state(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("the learned-direction rule needs the current parameters: call "
+                             "tx.update(grads, opt_state, params)")
+        return direction_update(meta_params, config, state, updates, params, spec_of(params))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def learned_direction(meta_params: PyTree, config: DirectionConfig | None = None,
+                      num_steps: int | None = None, learning_rate: float | optax.Schedule
+                      | None = None, weight_decay: float | None = None, perm_spec: PyTree = None
+                      ) -> optax.GradientTransformationExtraArgs:
+    """The full optimizer: direction, decoupled weight decay, step size (like ``optax.adamw``).
+
+    ``learning_rate``: a number or an optax schedule; default :func:`default_schedule` with the
+    config's peak over ``num_steps`` (the schedule the rule was meta-trained under). A number
+    replaces the peak of that schedule. ``weight_decay``: default the config's.
+    """
+    config = config or DirectionConfig()
+    if learning_rate is None or isinstance(learning_rate, int | float):
+        peak = config.learning_rate if learning_rate is None else float(learning_rate)
+        learning_rate = default_schedule(peak, num_steps, config.warmup_fraction)
+    wd = config.weight_decay if weight_decay is None else weight_decay
+    return optax.chain(scale_by_learned_direction(meta_params, config, perm_spec=perm_spec),
+                       optax.add_decayed_weights(wd),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
+# ----------------------------------------------------------------------------- inner-loop form
+@dataclasses.dataclass(frozen=True, eq=False)
+class DirectionOptimizer:
+    """A learned-direction rule behind the inner-loop interface of ``LearnedOptimizer``
+    (``init``, ``init_state``, ``update``; pure, jittable, vmappable over meta-parameters),
+    which meta-training and checkpoints use. Built for one weight-space structure by
+    :func:`learned_direction_optimizer`; its meta-parameters fit every weight space.
+
+    ``update`` applies the whole default optimizer: ``-schedule(step) * (direction + wd p)``
+    with :func:`default_schedule` over ``num_steps`` (the episode's length in meta-training).
+    """
+
+    name: str
+    config: DirectionConfig
+    perm_spec: PyTree
+    net_spec: PyTree
+    weight_space: WeightSpace
+
+    agnostic = True
+
+    def init(self, key: jax.Array) -> dict[str, Any]:
+        """Initial meta-parameters ``{"net": ...}``: Adam's direction (skip), readout zero."""
+        return self._init_jit(key)
+
+    @functools.cached_property
+    def _init_jit(self):
+        c = self.config
+
+        def init(key):
+            xs = [jnp.zeros(shape + (len(FEATURES),), jnp.float32)
+                  for shape in self.weight_space.shapes]
+            net = DirectionNetwork(c.layer, c.hidden_features, c.num_hidden)
+            params = net.init(key, xs, self.net_spec)["params"]
+            params["readout"] = jax.tree.map(jnp.zeros_like, params["readout"])
+            return {"net": params}
+
+        return jax.jit(init)
+
+    def nominal(self, meta_params) -> dict[str, jax.Array]:
+        """Scalars to log: the skip weight on Adam's direction."""
+        skip = meta_params["net"]["skip"]
+        return {"skip_adam": skip[FEATURES.index(SKIP_INIT_FEATURE)],
+                "skip_norm": jnp.sqrt(jnp.sum(jnp.square(skip)))}
+
+    def init_state(self, meta_params, params: PyTree) -> DirectionState:
+        del meta_params
+        self.check_params(params)
+        return init_direction_state(params)
+
+    def check_params(self, params: PyTree, what: str = "params") -> None:
+        """``PermSpecError`` naming the first leaf whose path or rank differs from the build's
+        (:func:`scale_by_learned_direction` takes any weight space)."""
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        self.weight_space.check_structure([(path_str(p), x) for p, x in flat], what)
+        check_arrays(params, what)
+
+    def update(self, meta_params, state: DirectionState, grads: PyTree, params: PyTree,
+               num_steps=None) -> tuple[PyTree, DirectionState]:
+        direction, new = direction_update(meta_params, self.config, state, grads, params,
+                                          self.net_spec)
+        lr = _schedule_value(self.config, state.step, num_steps)
+        wd = self.config.weight_decay
+        updates = jax.tree.map(
+            lambda d, p: (-lr * (d.astype(jnp.float32) + wd * p.astype(jnp.float32))
+                          ).astype(jnp.result_type(p)), direction, params)
+        return updates, new
+
+    def as_optax(self, meta_params, num_steps: int | None = None, perm_spec: PyTree = None,
+                 learning_rate=None, weight_decay: float | None = None):
+        """The default optimizer (:func:`learned_direction`) for any weight space."""
+        return learned_direction(meta_params, self.config, num_steps, learning_rate,
+                                 weight_decay, perm_spec)
+
+    def num_meta_params(self, meta_params=None) -> int:
+        if meta_params is None:
+            meta_params = jax.eval_shape(self.init, jax.random.key(0))
+        return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(meta_params))
+
+
+def learned_direction_optimizer(name: str, params: PyTree, perm_spec: PyTree = None,
+                                **config: Any) -> DirectionOptimizer:
+    """Build the learned-direction method ``name`` (a key of ``METHODS``) for weight spaces
+    structured like ``params``; ``**config``: :class:`DirectionConfig` fields (``layer`` is set
+    by the name)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown learned-direction method {name!r}; choose one of "
+                         f"{sorted(METHODS)}")
+    fields = {f.name for f in dataclasses.fields(DirectionConfig)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {name!r}; valid: {sorted(fields)}")
+    if config.get("layer", METHODS[name]) != METHODS[name]:
+        raise ValueError(f"{name!r} has layer {METHODS[name]!r}, got layer={config['layer']!r}")
+    cfg = DirectionConfig(**(config | {"layer": METHODS[name]}))
+    check_arrays(params)
+    net_spec = _net_spec_for(cfg.layer, params, perm_spec)
+    if perm_spec is None:
+        perm_spec = (jax.tree.map(lambda p: (None,) * np.ndim(p), params) if net_spec is None
+                     else _inferred(params))
+    return DirectionOptimizer(name, cfg, perm_spec, net_spec, WeightSpace.of(params, perm_spec))
+
+
+def _inferred(params: PyTree) -> PyTree:
+    from learned_opt.infer import infer_perm_spec
+
+    return infer_perm_spec(params)

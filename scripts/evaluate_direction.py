@@ -1,0 +1,87 @@
+"""Evaluate learned-direction optimizers on architectures they never saw, against tuned AdamW.
+
+Each --checkpoint LABEL=PATH at its default schedule (no tuning), those named by --lr-tuned
+also with the schedule's peak tuned on AdamW's grid, the untrained rule (Adam's direction
+normalised per tensor), and the baselines (``meta_train.evaluation.BASELINES``: AdamW with
+warm-up + cosine, lr and weight decay tuned; constant Adam, lr tuned; Adam at 1e-3), all tuned
+per (architecture, horizon) on --tune-seeds and reported on --seeds. One JSON per (architecture,
+horizon, candidate) under --out (a rerun skips finished ones); --out/summary.md holds the table
+with each candidate's paired difference to tuned AdamW.
+
+  python scripts/evaluate_direction.py --checkpoint unf=results/direction/unf/optimizer \\
+      --architectures mlp_deep_wide gru_lm --horizons 2000
+"""
+
+import argparse
+from pathlib import Path
+
+from meta_train.cli import add_data_dir_flag, apply_data_dir
+
+REFERENCE = "adamw_cosine (tuned)"
+
+
+def parse_args(argv):
+    from meta_train import evaluation
+    from meta_train.heldout import list_heldout
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
+                        help="a learned-direction checkpoint or shipped name (repeatable)")
+    parser.add_argument("--lr-tuned", nargs="*", default=[], metavar="LABEL")
+    parser.add_argument("--architectures", nargs="+", default=list_heldout(),
+                        help="held-out architectures or task names")
+    parser.add_argument("--horizons", nargs="+", type=int, default=[2000])
+    parser.add_argument("--baselines", nargs="*", default=["adamw_cosine", "adam", "adam_default"],
+                        choices=sorted(evaluation.BASELINES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(evaluation.EVAL_SEEDS[:3]))
+    parser.add_argument("--tune-seeds", nargs="+", type=int,
+                        default=list(evaluation.TUNE_SEEDS[:2]))
+    parser.add_argument("--out", default="results/direction/heldout")
+    add_data_dir_flag(parser)
+    args = parser.parse_args(argv)
+    bad = [c for c in args.checkpoint if "=" not in c]
+    if bad:
+        parser.error(f"--checkpoint takes LABEL=PATH, got {bad}")
+    return args
+
+
+def table(rows) -> str:
+    from meta_train.evaluation import paired_difference
+
+    ref = {(r["architecture"], r["horizon"]): r for r in rows if r["optimizer"] == REFERENCE}
+    lines = ["| architecture | T | optimizer | hparams | final train loss | vs tuned AdamW |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        base = ref.get((r["architecture"], r["horizon"]))
+        vs = ""
+        if base and r is not base and "per_seed_final_train_loss" in r:
+            d = paired_difference(r["per_seed_final_train_loss"],
+                                  base["per_seed_final_train_loss"])
+            vs = f"{d['mean']:+.4f} +- {d['se']:.4f} ({d['verdict']})"
+        hp = ", ".join(f"{k} {v:g}" for k, v in (r["hparams"] or {}).items())
+        lines.append(f"| {r['architecture']} | {r['horizon']} | {r['optimizer']} | {hp} | "
+                     f"{r.get('final_train_loss', float('nan')):.4f} +- "
+                     f"{r.get('final_train_loss_se', float('nan')):.4f} | {vs} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    apply_data_dir(args.data_dir)
+    from meta_train.evaluation import BASELINES
+    from meta_train.heldout import direction_candidates, evaluate_candidates
+
+    checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
+    cands = direction_candidates(checkpoints, args.lr_tuned) if checkpoints else {}
+    cands |= {f"{b} (tuned)" if BASELINES[b].grid else b: BASELINES[b] for b in args.baselines}
+    rows = evaluate_candidates(cands, args.architectures, args.horizons, args.out, args.seeds,
+                               args.tune_seeds)
+    text = table(rows)
+    print(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "summary.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
