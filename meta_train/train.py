@@ -315,7 +315,7 @@ def _resolve_resume(config: MetaTrainConfig, given: set[str] | None) -> MetaTrai
     """Merge a resumed run's stored config with the flags given now (``given`` = their names).
 
     Flags that define the trajectory must match the stored ones; the others (outer_steps,
-    checkpoint_every, wandb, ...) may change.
+    checkpoint_every, wandb, ...) may change, and keep their stored values when not given.
     """
     stored = MetaTrainConfig.from_json((Path(config.out) / "config.json").read_text())
     in_checkpoint = MetaTrainConfig.from_json(json.dumps(checkpoint.latest(config.out)["config"]))
@@ -325,15 +325,17 @@ def _resolve_resume(config: MetaTrainConfig, given: set[str] | None) -> MetaTrai
                 f"--resume: {name}={getattr(stored, name)!r} in {Path(config.out) / 'config.json'}"
                 f" differs from the checkpoint's {getattr(in_checkpoint, name)!r} "
                 f"({Path(config.out) / 'checkpoints' / 'latest.json'})")
-    given = set(given or ())
     for name in MetaTrainConfig.RUN_FIELDS:
-        if name in given and getattr(config, name) != getattr(stored, name):
+        if name in (given or ()) and getattr(config, name) != getattr(stored, name):
             raise ConfigError(
                 f"--resume: {name}={getattr(config, name)!r} differs from the run's "
                 f"{getattr(stored, name)!r} in {Path(config.out) / 'config.json'}"
             )
+    # The other options keep their stored values unless given again (given=None: the API
+    # caller's config is taken as given in full).
     free = {f.name: getattr(config, f.name) for f in dataclasses.fields(MetaTrainConfig)
-            if f.name not in MetaTrainConfig.RUN_FIELDS}
+            if f.name not in MetaTrainConfig.RUN_FIELDS
+            and (given is None or f.name in given or f.name in ("out", "resume"))}
     return stored.replace(**free)
 
 

@@ -13,9 +13,13 @@ with each candidate's paired difference to tuned AdamW.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
-from meta_train.cli import add_data_dir_flag, apply_data_dir
+# scripts/meta_train.py would shadow the package of that name: the repository root goes first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
 
 REFERENCE = "adamw_cosine (tuned)"
 
@@ -36,6 +40,11 @@ def parse_args(argv):
     parser.add_argument("--seeds", nargs="+", type=int, default=list(evaluation.EVAL_SEEDS[:3]))
     parser.add_argument("--tune-seeds", nargs="+", type=int,
                         default=list(evaluation.TUNE_SEEDS[:2]))
+    parser.add_argument("--lr-grid", nargs="+", type=float, default=None,
+                        help="learning rates every tuned candidate searches (default: "
+                        "learned_opt.hand_designed.ADAM_LR_GRID)")
+    parser.add_argument("--wd-grid", nargs="+", type=float, default=None,
+                        help="AdamW weight decays searched (default: hand_designed.WD_GRID)")
     parser.add_argument("--out", default="results/direction/heldout")
     add_data_dir_flag(parser)
     args = parser.parse_args(argv)
@@ -74,6 +83,9 @@ def main(argv=None) -> int:
     checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
     cands = direction_candidates(checkpoints, args.lr_tuned) if checkpoints else {}
     cands |= {f"{b} (tuned)" if BASELINES[b].grid else b: BASELINES[b] for b in args.baselines}
+    grids = {"lr": args.lr_grid, "wd": args.wd_grid}
+    cands = {k: c._replace(grid={n: grids[n] or v for n, v in c.grid.items()})
+             for k, c in cands.items()}
     rows = evaluate_candidates(cands, args.architectures, args.horizons, args.out, args.seeds,
                                args.tune_seeds)
     text = table(rows)

@@ -624,6 +624,23 @@ def test_resume_refuses_a_config_json_of_another_run(pes_setup, tmp_path):
         meta_train(cfg.replace(resume=True, outer_steps=3), progress=False)
 
 
+def test_resume_keeps_the_stored_options_the_command_line_does_not_repeat(pes_setup, tmp_path):
+    from meta_train.cli import parse_args
+
+    out = tmp_path / "r"
+    cfg = pes_setup.config.replace(outer_steps=2, out=str(out), snapshot_every=1,
+                                   checkpoint_every=1, wandb="disabled")
+    meta_train(cfg, progress=False, setup=pes_setup)
+    # Only --out, --resume and --outer-steps given: the rest comes from the run.
+    resumed, given = parse_args(["--out", str(out), "--resume", "--outer-steps", "3"])
+    merged = mt._resolve_resume(resumed, given)
+    assert (merged.snapshot_every, merged.checkpoint_every, merged.wandb) == (1, 1, "disabled")
+    assert merged.outer_steps == 3 and merged.task == cfg.task
+    # A given option wins.
+    resumed, given = parse_args(["--out", str(out), "--resume", "--checkpoint-every", "7"])
+    assert mt._resolve_resume(resumed, given).checkpoint_every == 7
+
+
 def test_a_run_directory_in_use_is_refused(pes_setup, tmp_path):
     with mt._exclusive(tmp_path):
         with pytest.raises(ConfigError, match=f"{tmp_path} is in use.*pid {os.getpid()}"):
