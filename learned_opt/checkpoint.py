@@ -97,6 +97,10 @@ def save(path: str | os.PathLike, lopt: LearnedOptimizer, meta_params: Any) -> s
     expected = _flat_arrays(jax.eval_shape(lopt.init, jax.random.key(0)))
     got = _flat_arrays(meta_params)
     _compare_meta(expected, got, "meta_params given to save")
+    for name, x in got:  # a diverged meta-training must not ship
+        if not np.isfinite(np.asarray(x, np.float32)).all():
+            raise CheckpointError(f"meta_params given to save: leaf {name} holds NaN or inf "
+                                  "values; refusing to write them")
     spec_flat, _ = jax.tree_util.tree_flatten_with_path(lopt.perm_spec, is_leaf=is_spec_leaf)
     leaves = []
     for (p, labels), shape in zip(spec_flat, lopt.weight_space.shapes, strict=True):
@@ -229,21 +233,30 @@ def list_pretrained() -> list[str]:
     """Names of the optimizers shipped with the package (``load_optax(name)`` loads one).
 
     Their model card is docs/pretrained.md: what each was meta-trained on, with what budget, and
-    how it does against tuned Adam.
+    how it does against tuned Adam. Every folder of the package's ``pretrained/`` is listed;
+    loading one whose files are missing raises ``CheckpointError`` saying the copy is damaged.
     """
     if not os.path.isdir(PRETRAINED_DIR):
         return []
-    return sorted(d for d in os.listdir(PRETRAINED_DIR)
-                  if os.path.isfile(os.path.join(PRETRAINED_DIR, d, JSON_FILE)))
+    return sorted(d for d in os.listdir(PRETRAINED_DIR) if not d.startswith((".", "_"))
+                  and os.path.isdir(os.path.join(PRETRAINED_DIR, d)))
 
 
 def resolve(name_or_dir: str | os.PathLike) -> str:
-    """The checkpoint directory of a shipped optimizer's name, or ``name_or_dir`` itself."""
+    """The checkpoint directory of a shipped optimizer's name, or ``name_or_dir`` itself.
+
+    A bare shipped name means the shipped optimizer even when the working directory holds a
+    folder of that name (write ``./name`` for the folder).
+    """
     text = os.fspath(name_or_dir)
+    if text in list_pretrained():
+        path = os.path.join(PRETRAINED_DIR, text)
+        if not os.path.isfile(os.path.join(path, JSON_FILE)):
+            raise CheckpointError(f"the shipped optimizer {text!r} is damaged: {path} has no "
+                                  f"{JSON_FILE} (reinstall the package)")
+        return path
     if os.path.isdir(text):
         return text
-    if text in list_pretrained():
-        return os.path.join(PRETRAINED_DIR, text)
     if os.sep not in text and not text.startswith("."):
         raise CheckpointError(f"{text!r} is neither a checkpoint directory nor a shipped "
                               f"optimizer; shipped: {list_pretrained()}")

@@ -299,7 +299,8 @@ def _resume_step(config: MetaTrainConfig) -> int | None:
             )
         return None
     if meta is None:
-        print(f"--resume: no checkpoint in {run_dir}, starting a new run")
+        print(f"--resume: {run_dir} holds no run (no checkpoints/latest.json): starting a new "
+              "run there with the options given")
         return None
     return int(meta["step"])
 
@@ -431,6 +432,10 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
     resume_step = _resume_step(config)
     if resume_step is not None:
         config = _resolve_resume(config, given)
+        if resume_step > config.outer_steps:
+            raise ConfigError(f"--resume: the run in {run_dir} is at outer step {resume_step}, "
+                              f"past --outer-steps {config.outer_steps}: nothing to do (give a "
+                              "larger --outer-steps to continue it)")
     compiles_here = setup is None  # a given setup's step may have been compiled already
     if setup is None:
         setup = build(config)

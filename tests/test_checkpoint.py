@@ -154,6 +154,28 @@ def test_meta_params_that_do_not_fit(tmp_path):
         learned_opt.save(tmp_path / "x", lopt, {k: v for k, v in meta.items() if k != "log_alpha"})
 
 
+def test_non_finite_meta_params_are_not_saved(tmp_path):
+    _, lopt, meta, _, _ = _saved(tmp_path)
+    bad = dict(meta, log_alpha=jnp.float32(jnp.nan))
+    with pytest.raises(CheckpointError, match="leaf log_alpha holds NaN or inf"):
+        learned_opt.save(tmp_path / "nan", lopt, bad)
+    assert not (tmp_path / "nan").exists()
+
+
+def test_shipped_names_win_over_folders_and_damaged_copies_are_named(tmp_path, monkeypatch):
+    name = learned_opt.list_pretrained()[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()  # an unrelated folder with the shipped optimizer's name
+    assert checkpoint.resolve(name) == os.path.join(checkpoint.PRETRAINED_DIR, name)
+    assert checkpoint.resolve(f".{os.sep}{name}") == f".{os.sep}{name}"
+    fake = tmp_path / "pkg"
+    (fake / "broken").mkdir(parents=True)  # a package copy that lost its files
+    monkeypatch.setattr(checkpoint, "PRETRAINED_DIR", str(fake))
+    assert learned_opt.list_pretrained() == ["broken"]
+    with pytest.raises(CheckpointError, match="'broken' is damaged.*no optimizer.json"):
+        learned_opt.load_optax("broken")
+
+
 def test_unsaveable_labels(tmp_path):
     shapes, _ = mlp_space()
     params = random_tree(0, shapes)

@@ -639,6 +639,9 @@ def test_resume_keeps_the_stored_options_the_command_line_does_not_repeat(pes_se
     # A given option wins.
     resumed, given = parse_args(["--out", str(out), "--resume", "--checkpoint-every", "7"])
     assert mt._resolve_resume(resumed, given).checkpoint_every == 7
+    # Resuming below the checkpoint's step is refused (it used to log meta_loss nan).
+    with pytest.raises(ConfigError, match="at outer step 2, past --outer-steps 1"):
+        meta_train(cfg.replace(resume=True, outer_steps=1), progress=False)
 
 
 def test_a_run_directory_in_use_is_refused(pes_setup, tmp_path):
