@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from learned_opt.network import list_agnostic_optimizers
+from learned_opt.spec import PermSpecError
 
 if TYPE_CHECKING:
     from learned_opt.optimizer import LearnedOptimizer
@@ -99,8 +100,18 @@ def agnostic_optax(name: str, meta_params: dict[str, Any], perm_spec: PyTree = N
         flat, treedef = jax.tree_util.tree_flatten(params)
         key = (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in flat))
         if key not in built:
+            spec = perm_spec
+            if spec is None:
+                # From the caller's tree, whose key order is the model's call order (a copy made
+                # by jax.tree.map is key-sorted, and inference would see another chain).
+                from learned_opt.infer import infer_perm_spec
+
+                try:
+                    spec = infer_perm_spec(params)
+                except PermSpecError:
+                    spec = None  # learned_optimizer says to pass one
             shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-            built[key] = learned_optimizer(name, shapes, perm_spec, **config)
+            built[key] = learned_optimizer(name, shapes, spec, **config)
         return built[key]
 
     def init_fn(params):

@@ -176,6 +176,29 @@ def test_shipped_names_win_over_folders_and_damaged_copies_are_named(tmp_path, m
         learned_opt.load_optax("broken")
 
 
+def test_shipped_optimizer_infers_the_spec_in_call_order():
+    """Flax numbers layers by creation, the params dict follows the calls: a nested-call MLP has
+    Dense_1 (hidden) before Dense_0 (output). Inference must see that order, not a sorted copy."""
+    import flax.linen as nn
+
+    class Nested(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+    class WithNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.LayerNorm()(nn.Dense(8)(x))))
+
+    for model in (Nested(), WithNorm()):
+        params = model.init(jax.random.key(0), jnp.ones((1, 5)))["params"]
+        tx = learned_opt.load_optax(learned_opt.list_pretrained()[0], num_steps=10)
+        state = tx.init(params)
+        updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+        assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+
+
 def test_unsaveable_labels(tmp_path):
     shapes, _ = mlp_space()
     params = random_tree(0, shapes)
