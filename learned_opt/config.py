@@ -126,3 +126,16 @@ class LearnedOptimizerConfig:
         return feats.num_features(len(self.momentum_decays), len(self.step_timescales),
                                   len(self.progress_centres), self.adam_features)
 
+
+def check_num_steps(num_steps) -> None:
+    """``ValueError`` unless ``num_steps`` (a run's length) is ``None``, traced, or a number >= 1
+    (Python, numpy or concrete jax: a numpy zero must not pass where a Python zero fails)."""
+    import jax
+    import numpy as np
+
+    if num_steps is None or isinstance(num_steps, jax.core.Tracer):
+        return
+    value = np.asarray(num_steps)
+    if value.shape != () or not value >= 1:
+        raise ValueError(f"num_steps must be a number >= 1, got {num_steps!r}")
+

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from learned_opt.config import check_num_steps
 from learned_opt.spec import PermSpecError, is_spec_leaf, label_sizes, path_str
 from learned_opt.universal import UniversalDeepSetLinear, UniversalUNFLinear
 from learned_opt.weight_space import WeightSpace, check_arrays, relax_fixed_axes
@@ -365,6 +366,7 @@ def learned_direction(meta_params: PyTree, config: DirectionConfig | None = None
     replaces the peak of that schedule. ``weight_decay``: default the config's.
     """
     config = config or DirectionConfig()
+    check_num_steps(num_steps)
     if learning_rate is None or isinstance(learning_rate, int | float):
         peak = config.learning_rate if learning_rate is None else float(learning_rate)
         learning_rate = default_schedule(peak, num_steps, config.warmup_fraction)

@@ -38,7 +38,7 @@ import optax
 
 from learned_opt import adapters, rules
 from learned_opt import features as feats
-from learned_opt.config import LearnedOptimizerConfig
+from learned_opt.config import LearnedOptimizerConfig, check_num_steps
 from learned_opt.network import METHODS, UpdateNetwork, list_agnostic_optimizers
 from learned_opt.spec import PermSpecError, label_sizes, path_str
 from learned_opt.weight_space import WeightSpace, check_arrays
@@ -231,8 +231,7 @@ class LearnedOptimizer:
                 f"learned optimizer {self.name!r} uses training progress (progress_centres="
                 f"{self.config.progress_centres}): give the run's total number of steps, e.g. "
                 "as_optax(meta, num_steps=10_000) or load_optax(path, num_steps=10_000)")
-        if isinstance(num_steps, int | float) and not num_steps >= 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        check_num_steps(num_steps)
 
     # ------------------------------------------------------------------ optax
     def as_optax(self, meta_params: dict[str, Any], num_steps: int | None = None,

@@ -140,6 +140,10 @@ def join_processes(parser: argparse.ArgumentParser, coordinator: str | None,
     if not coordinator or ":" not in coordinator:
         parser.error(f"--num-processes needs --coordinator HOST:PORT (or "
                      f"$JAX_COORDINATOR_ADDRESS), got {coordinator!r}")
+    port = coordinator.rsplit(":", 1)[1]
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        parser.error(f"--coordinator {coordinator!r}: the port must be a number in 1..65535, "
+                     f"got {port!r}")
     import jax
 
     if jax.config.jax_cpu_collectives_implementation is None:  # jax < 0.5 has none by default

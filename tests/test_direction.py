@@ -195,6 +195,9 @@ def test_bad_options_are_named():
     state = tx.init(params)
     with pytest.raises(ValueError, match="needs the current parameters"):
         tx.update(params, state)
+    for zero in (0, np.int64(0), jnp.asarray(0)):
+        with pytest.raises(ValueError, match="num_steps must be a number >= 1"):
+            direction.learned_direction({}, num_steps=zero)
     with pytest.raises(ValueError, match="leaf .*count.* has dtype int32"):
         tx.init({"w": jnp.ones((2, 2)), "count": jnp.zeros((), jnp.int32)})
 

@@ -106,6 +106,8 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
     (["--num-processes=2", "--process-id=2", "--coordinator=localhost:1234"],
      "--process-id 2 is out of range for --num-processes 2"),
     (["--num-processes=2", "--process-id=0"], "needs --coordinator HOST:PORT"),
+    (["--num-processes=2", "--process-id=0", "--coordinator=host:abc"],
+     "the port must be a number in 1..65535, got 'abc'"),
 ])
 def test_bad_process_flags_fail_at_once(flags, message, capsys, monkeypatch):
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
