@@ -288,10 +288,17 @@ def load_optax(name_or_dir: str | os.PathLike, perm_spec=None, num_steps: int | 
       >>> state = tx.init(params)
       >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     """
-    lopt, meta = load(resolve(name_or_dir))
+    return optax_for(*load(resolve(name_or_dir)), num_steps=num_steps, perm_spec=perm_spec)
+
+
+def optax_for(lopt, meta_params, num_steps: int | None = None, perm_spec=None
+              ) -> optax.GradientTransformationExtraArgs:
+    """``lopt`` with ``meta_params`` as the optax optimizer :func:`load_optax` gives: the default
+    chain of a learned-direction rule, the any-weight-space adapter of the other agnostic
+    methods, the weight-space-bound adapter otherwise (``perm_spec``: of the parameters)."""
     if lopt.name in DIRECTION_METHODS:  # the default chain: direction, decay, schedule
-        return lopt.as_optax(meta, num_steps=num_steps, perm_spec=perm_spec)
+        return lopt.as_optax(meta_params, num_steps=num_steps, perm_spec=perm_spec)
     if lopt.agnostic:
-        return agnostic_optax(lopt.name, meta, perm_spec, num_steps,
+        return agnostic_optax(lopt.name, meta_params, perm_spec, num_steps,
                               **dataclasses.asdict(lopt.config))
-    return lopt.as_optax(meta, num_steps=num_steps, perm_spec=perm_spec)
+    return lopt.as_optax(meta_params, num_steps=num_steps, perm_spec=perm_spec)

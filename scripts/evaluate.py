@@ -53,33 +53,39 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def learned_candidates(args, run_config, steps):
-    """Display name -> optax transformation for every learned optimizer to evaluate.
-
-    ``steps`` is the run length given to optimizers that use training progress.
-    """
+def learned_candidates(args, run_config, num_steps):
+    """Display name -> candidate (a factory of the task) for every learned optimizer to
+    evaluate; ``num_steps``: the run length told to optimizers that use training progress
+    (``None``: each horizon's own)."""
     import learned_opt
+    from learned_opt.checkpoint import optax_for
+    from meta_train import evaluation as ev
     from meta_train.train import initial_meta_params
 
     path = args.optimizer or (Path(args.run) / "optimizer" if args.run else None)
     if path is None:
         raise SystemExit("evaluate.py: error: give --run or --optimizer")
     lopt, meta = learned_opt.load(path)
-    out = {f"{lopt.name} (meta-trained)": lopt.as_optax(meta, num_steps=steps)}
+
+    def candidate(lo, m):  # any task: the agnostic optimizers get its spec
+        return ev.Candidate(lambda task, steps: optax_for(lo, m, num_steps or steps,
+                                                          task.perm_spec if lo.agnostic else None))
+
+    out = {f"{lopt.name} (meta-trained)": candidate(lopt, meta)}
     if args.beta0:
         if "beta" not in meta:
             raise SystemExit(f"evaluate.py: error: --beta0: optimizer {lopt.name!r} has no beta")
-        no_net = meta | {"beta": 0.0 * meta["beta"]}
-        out[f"{lopt.name} (meta-trained, beta=0)"] = lopt.as_optax(no_net, num_steps=steps)
+        out[f"{lopt.name} (meta-trained, beta=0)"] = candidate(
+            lopt, meta | {"beta": 0.0 * meta["beta"]})
     if args.init:
         if run_config is None:
             raise SystemExit("evaluate.py: error: --init needs --run (the run's seed)")
         init = initial_meta_params(lopt, run_config.seed)  # exactly where the run started
-        out[f"{lopt.name} (initialisation)"] = lopt.as_optax(init, num_steps=steps)
+        out[f"{lopt.name} (initialisation)"] = candidate(lopt, init)
     if args.sgdm:
         s_lopt, s_meta = learned_opt.load(args.sgdm)
-        name = f"{s_lopt.name} (meta-trained, {Path(args.sgdm).parent.name})"
-        out[name] = s_lopt.as_optax(s_meta, num_steps=steps)
+        out[f"{s_lopt.name} (meta-trained, {Path(args.sgdm).parent.name})"] = candidate(
+            s_lopt, s_meta)
     return out
 
 
@@ -95,15 +101,12 @@ def main(argv=None) -> int:
     task_name = args.task or (run_config.task if run_config else None)
     if task_name is None:
         raise SystemExit("evaluate.py: error: give --task (or --run)")
-    task_args = dict(run_config.task_args) if run_config and not args.task else {}
-    task_args |= dict(key_value(kv) for kv in args.task_arg)
     steps = args.steps or (run_config.horizon if run_config else None)
     if steps is None:
         raise SystemExit("evaluate.py: error: give --steps (or --run)")
-    task = tasks.get_task(task_name, **task_args)
     if args.num_steps is not None and args.num_steps < 1:
         raise SystemExit(f"evaluate.py: error: --num-steps must be >= 1, got {args.num_steps}")
-    learned = learned_candidates(args, run_config, args.num_steps or steps)
+    learned = learned_candidates(args, run_config, args.num_steps)
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = sorted(set(baselines) - set(ev.BASELINES))
     if unknown:
@@ -112,15 +115,21 @@ def main(argv=None) -> int:
     seeds = [ev.EVAL_SEEDS[0] + i for i in range(args.seeds)]
     tune = [ev.TUNE_SEEDS[0] + i for i in range(args.tune_seeds)]
     out = Path(args.out or (Path(args.run) / "eval" if args.run else "eval"))
-    report = ev.evaluate(task, learned | {f"{b} (tuned)" if ev.BASELINES[b].grid else b:
-                                          ev.BASELINES[b] for b in baselines},
-                         [steps], seeds, tune, out_dir=out, wandb_mode=args.wandb,
-                         title=f"{task_name}, {len(seeds)} seeds",
-                         info={"task": task_name, "task_args": task_args, "run": args.run})
-    print(ev.format_table(report.rows))
-    print(f"plot: {out / 'curves.png'}\nsummary: {out / 'summary.json'}")
-    print(json.dumps({r["optimizer"]: round(r.get("final_train_loss", float("nan")), 4)
-                      for r in report.rows}))
+    names = [t.strip() for t in task_name.split(",")]  # a multi-task run: each of its tasks
+    for name in names:
+        task_args = dict(run_config.args_of(name)) if run_config and not args.task else {}
+        task_args |= dict(key_value(kv) for kv in args.task_arg)
+        task = tasks.get_task(name, **task_args)
+        where = out / name if len(names) > 1 else out
+        report = ev.evaluate(task, learned | {f"{b} (tuned)" if ev.BASELINES[b].grid else b:
+                                              ev.BASELINES[b] for b in baselines},
+                             [steps], seeds, tune, out_dir=where, wandb_mode=args.wandb,
+                             title=f"{name}, {len(seeds)} seeds",
+                             info={"task": name, "task_args": task_args, "run": args.run})
+        print(f"\n{name}\n{ev.format_table(report.rows)}")
+        print(f"plot: {where / 'curves.png'}\nsummary: {where / 'summary.json'}")
+        print(json.dumps({r["optimizer"]: round(r.get("final_train_loss", float("nan")), 4)
+                          for r in report.rows}))
     return 0
 
 

@@ -144,3 +144,33 @@ def test_baselines_and_grids():
     tx = ev.build(ev.BASELINES["adamw_cosine"], None, 100, lr=1e-2, wd=0.1)
     u, _ = tx.update(grads, tx.init(params), params)
     assert np.all(np.isfinite(u["w"]))
+
+
+def test_evaluate_script_takes_every_task_of_a_multi_task_run(tmp_path):
+    """scripts/evaluate.py on a run of several tasks evaluates each (it raised KeyError)."""
+    import importlib.util
+    from pathlib import Path
+
+    import learned_opt
+    from meta_train import MetaTrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    (run / "optimizer").mkdir(parents=True)
+    params = tasks.get_task("mlp_fmnist_tiny").init(jax.random.key(0))
+    lopt = learned_opt.learned_optimizer("direction_elementwise", params)
+    learned_opt.save(run / "optimizer", lopt, lopt.init(jax.random.key(0)))
+    config = MetaTrainConfig(task="mlp_fmnist_tiny,cnn_cifar10_tiny", population=4,
+                             optimizer="direction_elementwise", truncation=5, horizon=10)
+    (run / "config.json").write_text(config.to_json())
+    spec = importlib.util.spec_from_file_location("evaluate_script",
+                                                  root / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--run", str(run), "--seeds", "2", "--tune-seeds", "1", "--baselines",
+                        "adam_default", "--wandb", "disabled", "--steps", "5"]) == 0
+    for name in ("mlp_fmnist_tiny", "cnn_cifar10_tiny"):
+        rows = json.loads((run / "eval" / name / "summary.json").read_text())["rows"]
+        assert {r["optimizer"] for r in rows} == {"direction_elementwise (meta-trained)",
+                                                  "adam_default"}
+        assert all(math.isfinite(r["final_train_loss"]) for r in rows)
