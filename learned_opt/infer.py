@@ -64,6 +64,8 @@ def _kind(node: Mapping) -> str | None:
         return "embed"
     if "kernel" in arrays and keys <= {"kernel", "bias"}:
         rank = len(_shape(node["kernel"]))
+        if "bias" in arrays and len(_shape(node["bias"])) >= 2:
+            return "stacked"  # a conv's bias has rank 1: a leading layer axis (nn.scan)
         return "dense" if rank == 2 else "conv" if rank >= 3 else None
     if arrays and not children and keys <= {"scale", "bias"}:
         if all(len(_shape(v)) == 1 for v in arrays.values()):
@@ -93,6 +95,13 @@ def _layers(node: Mapping, prefix: str, out: list) -> None:
                 f"cannot infer a spec for the attention layer at {path}: heads and residual "
                 f"connections are not visible in a parameter tree. Write the spec by hand "
                 f"(see tasks.registry.transformer_lm_spec for a Transformer)"
+            )
+        if kind == "stacked":
+            raise PermSpecError(
+                f"cannot infer a spec: layer {path} holds stacked parameters (kernel "
+                f"{_shape(child['kernel'])}, bias {_shape(child['bias'])}: a leading layer axis, "
+                f"as nn.scan or nn.vmap make). Pass the spec by hand, e.g. kernel (None, 'h', 'h') "
+                f"and bias (None, 'h') for stacked layers of one width that feed each other"
             )
         if kind is None:
             _layers(child, path, out)

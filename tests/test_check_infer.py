@@ -140,6 +140,32 @@ def test_infer_refuses_attention():
         infer_perm_spec(jax.eval_shape(transformer.init, jax.random.key(0)))
 
 
+def test_infer_refuses_scan_stacked_layers_naming_the_leaf():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.relu(nn.Dense(16)(x)), None
+
+    class Stacked(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(16)(x)
+            x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=3)()(x, None)
+            return nn.Dense(4)(x)
+
+    params = Stacked().init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+    with pytest.raises(PermSpecError, match=r"layer ScanBlock_0/Dense_0 holds stacked.*"
+                       r"kernel \(3, 16, 16\), bias \(3, 16\)"):
+        infer_perm_spec(params)
+    # The spec the message suggests fits and is a symmetry of the model.
+    spec = {"Dense_0": {"kernel": (None, "h"), "bias": ("h",)},
+            "ScanBlock_0": {"Dense_0": {"kernel": (None, "h", "h"), "bias": (None, "h")}},
+            "Dense_1": {"kernel": ("h", None), "bias": (None,)}}
+    check_perm_spec(lambda p, x: Stacked().apply({"params": p}, x), params, spec,
+                    jnp.ones((2, 8)))
+
+
 def test_infer_refuses_flatten_between_conv_and_dense():
     class ConvFlat(nn.Module):
         @nn.compact
