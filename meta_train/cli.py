@@ -18,6 +18,7 @@ import sys
 from meta_train.config import CHOICES, ConfigError, MetaTrainConfig
 
 _SINGULAR = {"task_args": "task-arg", "optimizer_args": "optimizer-arg"}
+JOIN_TIMEOUT_S = 120.0  # --join-timeout default: how long processes wait for each other
 
 
 def key_value(text: str) -> tuple[str, object]:
@@ -116,16 +117,41 @@ def add_process_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, metavar="I", default=None,
                        help="this process's index, 0..N-1; only process 0 writes --out and "
                        "logs to wandb")
+    group.add_argument("--join-timeout", type=float, metavar="S", default=None,
+                       help=f"seconds to wait for the coordinator and the other processes "
+                       f"(default {JOIN_TIMEOUT_S:g})")
+
+
+def _wait_for_coordinator(parser, coordinator: str, process_id: int, timeout: float) -> None:
+    """Exit with a usage error naming the address when nothing listens there within
+    ``timeout`` seconds (JAX's own timeout aborts the process with a C++ stack trace)."""
+    import socket
+    import time
+
+    host, port = coordinator.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                parser.exit(2, f"{parser.prog}: error: process {process_id}: no coordinator at "
+                            f"{coordinator} after {timeout:g} s ({e}); start process 0 with the "
+                            "same --coordinator, or raise --join-timeout\n")
+            time.sleep(0.5)
 
 
 def join_processes(parser: argparse.ArgumentParser, coordinator: str | None,
-                   num_processes: int | None, process_id: int | None) -> None:
+                   num_processes: int | None, process_id: int | None,
+                   join_timeout: float | None = None) -> None:
     """``jax.distributed.initialize`` with the process flags (nothing when none is given).
 
     Must run before any JAX computation: importing ``meta_train`` starts no JAX backend.
     """
     if num_processes is None:
-        for flag, value in (("--coordinator", coordinator), ("--process-id", process_id)):
+        for flag, value in (("--coordinator", coordinator), ("--process-id", process_id),
+                            ("--join-timeout", join_timeout)):
             if value is not None:
                 parser.error(f"{flag} needs --num-processes")
         return
@@ -144,11 +170,22 @@ def join_processes(parser: argparse.ArgumentParser, coordinator: str | None,
     if not (port.isdigit() and 0 < int(port) < 65536):
         parser.error(f"--coordinator {coordinator!r}: the port must be a number in 1..65535, "
                      f"got {port!r}")
+    timeout = JOIN_TIMEOUT_S if join_timeout is None else join_timeout
+    if not timeout > 0:
+        parser.error(f"--join-timeout must be > 0, got {join_timeout}")
+    if process_id != 0:
+        _wait_for_coordinator(parser, coordinator, process_id, timeout)
+    # Said before joining: if a process never comes or two claim one id, JAX aborts after the
+    # timeout with DEADLINE_EXCEEDED and a stack trace, which this line explains.
+    print(f"process {process_id} of {num_processes}: joining the coordinator at {coordinator} "
+          f"(up to {timeout:g} s; DEADLINE_EXCEEDED after that: a process is missing or two "
+          "claim one --process-id)", file=sys.stderr, flush=True)
     import jax
 
     if jax.config.jax_cpu_collectives_implementation is None:  # jax < 0.5 has none by default
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    jax.distributed.initialize(coordinator, num_processes, process_id,
+                               initialization_timeout=max(1, int(timeout)))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[MetaTrainConfig, set[str]]:
@@ -159,7 +196,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[MetaTrainConfig, set[str]
     parser = make_parser()
     args = vars(parser.parse_args(argv))
     apply_data_dir(args.pop("data_dir"))
-    processes = [args.pop(k) for k in ("coordinator", "num_processes", "process_id")]
+    processes = [args.pop(k) for k in ("coordinator", "num_processes", "process_id",
+                                       "join_timeout")]
     given = {k: v for k, v in args.items() if v is not None}
     for name in _SINGULAR:
         if name in given:

@@ -108,6 +108,7 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
     (["--num-processes=2", "--process-id=0"], "needs --coordinator HOST:PORT"),
     (["--num-processes=2", "--process-id=0", "--coordinator=host:abc"],
      "the port must be a number in 1..65535, got 'abc'"),
+    (["--join-timeout=5"], "--join-timeout needs --num-processes"),
 ])
 def test_bad_process_flags_fail_at_once(flags, message, capsys, monkeypatch):
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
@@ -115,3 +116,21 @@ def test_bad_process_flags_fail_at_once(flags, message, capsys, monkeypatch):
         parse_args(["--task=mlp_fmnist_tiny", *flags])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_missing_coordinator_times_out_with_its_address(capsys, monkeypatch):
+    """Process 1 with nobody at the coordinator's address: a usage error naming it after the
+    timeout, not a silent hang (JAX's own timeout aborts with a C++ stack trace)."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--task=mlp_fmnist_tiny", "--num-processes=2", "--process-id=1",
+                    f"--coordinator=127.0.0.1:{port}", "--join-timeout=1.5"])
+    assert e.value.code == 2 and 1.5 <= time.monotonic() - t0 < 30
+    assert f"process 1: no coordinator at 127.0.0.1:{port} after 1.5 s" in capsys.readouterr().err
+
