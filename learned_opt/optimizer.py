@@ -173,6 +173,10 @@ class LearnedOptimizer:
         if jax.tree.structure(grads) != jax.tree.structure(params):
             raise PermSpecError("grads and params have different tree structures")
         c = self.config
+        # A non-finite entry acts as a zero gradient and gets a zero update: through per-tensor
+        # statistics and the weight-space layer it would otherwise reach every parameter.
+        finite = jax.tree.map(jnp.isfinite, grads)
+        grads = jax.tree.map(lambda g, ok: jnp.where(ok, g, 0), grads, finite)
         nom = self.nominal(meta_params)
         decay = nom["decay"]
         alpha = self.step_size(meta_params, state.step, num_steps)
@@ -191,8 +195,8 @@ class LearnedOptimizer:
             f = jax.tree.map(rules.NETWORK_TANGENTS[c.network_tangent], f, params)
             f = jax.tree.map(rules.NETWORK_SCALES[c.network_scale], f, m)
             direction = jax.tree.map(lambda m, f: m + nom["beta"] * f, m, f)
-        updates = jax.tree.map(lambda d, p: (-alpha * d).astype(jnp.result_type(p)),
-                               direction, params)
+        updates = jax.tree.map(lambda d, p, ok: jnp.where(ok, -alpha * d, 0).astype(
+            jnp.result_type(p)), direction, params, finite)
         return updates, LearnedOptimizerState(step=state.step + 1, momentum=m,
                                               feature_momenta=fm)
 

@@ -577,6 +577,30 @@ def test_progress_reaches_the_network():
     assert diff > 1e-4
 
 
+@pytest.mark.parametrize("method", ["unf_universal", "deepset"])
+def test_non_finite_gradient_entries_stay_where_they_are(method):
+    """One NaN / inf entry: zero update there, every other update as with a zero gradient there
+    (the weight-space layer and the per-tensor statistics used to spread it everywhere)."""
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes, 0.5)
+    lopt = learned_opt.learned_optimizer(method, params, spec)
+    meta = lopt.init(jax.random.key(1)) | {"beta": jnp.float32(1.0)}
+    update = jax.jit(lopt.update)
+    state = warm_state(update, lopt, meta, params, 3)
+    grads = random_tree(4, shapes)
+    bad = jax.tree.map(lambda g: g, grads)
+    bad["Dense_0"]["kernel"] = bad["Dense_0"]["kernel"].at[1, 2].set(jnp.nan)
+    bad["Dense_1"]["bias"] = bad["Dense_1"]["bias"].at[0].set(-jnp.inf)
+    zeroed = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), bad)
+    got, got_state = update(meta, state, bad, params)
+    want, want_state = update(meta, state, zeroed, params)
+    assert float(got["Dense_0"]["kernel"][1, 2]) == 0.0 and float(got["Dense_1"]["bias"][0]) == 0
+    mask = jax.tree.map(jnp.isfinite, bad)
+    assert_trees_close(got, jax.tree.map(lambda u, ok: jnp.where(ok, u, 0), want, mask),
+                       rtol=1e-6, atol=1e-9)
+    assert_trees_close(got_state.momentum, want_state.momentum, rtol=0, atol=0)
+
+
 def test_progress_needs_num_steps(tmp_path):
     shapes, spec = mlp_space()
     params = random_tree(0, shapes)
