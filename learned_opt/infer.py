@@ -127,7 +127,12 @@ def infer_perm_spec(params: PyTree, order: Sequence[str] | None = None) -> dict:
       PermSpecError: naming the layer when the structure is not a recognised sequential chain
         (unknown parameters, attention, an Embed that is not first, sizes that do not chain).
     """
-    if isinstance(params, Mapping) and set(params) == {"params"}:
+    if not isinstance(params, Mapping):
+        raise PermSpecError(
+            f"cannot infer a spec for parameters held in a {type(params).__name__}: inference "
+            "reads the nested dicts Flax makes (layer names, call order); pass perm_spec=..., a "
+            "tree like the parameters whose leaves are tuples of axis labels")
+    if set(params) == {"params"}:
         return {"params": infer_perm_spec(params["params"], order)}
     if order is not None:
         missing = sorted(set(params) - set(order)) + sorted(set(order) - set(params))

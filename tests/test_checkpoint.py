@@ -199,6 +199,22 @@ def test_shipped_optimizer_infers_the_spec_in_call_order():
         assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
 
 
+def test_shipped_optimizer_on_half_precision_and_list_trees():
+    tx = learned_opt.load_optax(learned_opt.list_pretrained()[0], num_steps=10)
+    params = {"Dense_0": {"kernel": jnp.ones((4, 16), jnp.bfloat16),
+                          "bias": jnp.zeros(16, jnp.bfloat16)},
+              "Dense_1": {"kernel": jnp.ones((16, 3), jnp.float16),
+                          "bias": jnp.zeros(3, jnp.float16)}}
+    state = tx.init(params)
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert jax.tree.map(lambda u: u.dtype, updates) == jax.tree.map(lambda p: p.dtype, params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.momentum))
+    assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+    # A list of arrays has no layer names to infer a spec from: say so (was AttributeError).
+    with pytest.raises(PermSpecError, match="parameters held in a list.*pass perm_spec"):
+        tx.init([jnp.ones((4, 3)), jnp.zeros(3)])
+
+
 def test_unsaveable_labels(tmp_path):
     shapes, _ = mlp_space()
     params = random_tree(0, shapes)
