@@ -31,6 +31,7 @@ import optax
 
 import learned_opt
 import tasks
+from learned_opt.direction import METHODS as DIRECTION_METHODS
 from meta_train.inner import train_steps
 
 # Sizes of f reported by the paper (alpha, beta and decay included).
@@ -61,8 +62,12 @@ def count_table(task_names, methods):
                 if spec is None or (method == "nfn" and mode == "channels"):
                     cells.append("-")  # nfn uses the spec as given in both modes
                     continue
+                if method in DIRECTION_METHODS and mode == "channels":
+                    cells.append("-")  # always relaxed: one meta-parameter set for any space
+                    continue
+                options = {} if method in DIRECTION_METHODS else {"fixed_axes": mode}
                 try:
-                    lopt = learned_opt.learned_optimizer(method, params, spec, fixed_axes=mode)
+                    lopt = learned_opt.learned_optimizer(method, params, spec, **options)
                     cells.append(f"{lopt.num_meta_params():,}")
                 except Exception as e:  # report, do not hide, what cannot be built
                     cells.append(f"error: {type(e).__name__}")
@@ -136,7 +141,7 @@ def speed_table(task_names, methods, steps, repeats):
             if method == "nfn" and name not in NFN_TASKS:
                 continue
             lopt = learned_opt.learned_optimizer(method, params, task.perm_spec)
-            tx = lopt.as_optax(lopt.init(jax.random.key(1)))
+            tx = lopt.as_optax(lopt.init(jax.random.key(1)), perm_spec=task.perm_spec)
             runs[method] = compile_optimizer(task, params, tx, steps)
         time_round_robin(runs, steps, repeats)
         base = runs["optax.adam"]

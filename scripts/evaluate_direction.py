@@ -13,6 +13,7 @@ with each candidate's paired difference to tuned AdamW.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
 
 REFERENCE = "adamw_cosine (tuned)"
+UNTRAINED = "normalised Adam (untrained rule)"
 
 
 def parse_args(argv):
@@ -32,6 +34,9 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
                         help="a learned-direction checkpoint or shipped name (repeatable)")
     parser.add_argument("--lr-tuned", nargs="*", default=[], metavar="LABEL")
+    parser.add_argument("--no-untrained", action="store_true",
+                        help="leave out the untrained rule (Adam's direction normalised per "
+                        "tensor)")
     parser.add_argument("--architectures", nargs="+", default=list_heldout(),
                         help="held-out architectures or task names")
     parser.add_argument("--horizons", nargs="+", type=int, default=[2000])
@@ -81,13 +86,20 @@ def main(argv=None) -> int:
     from meta_train.heldout import direction_candidates, evaluate_candidates
 
     checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
-    cands = direction_candidates(checkpoints, args.lr_tuned) if checkpoints else {}
+    cands = (direction_candidates(checkpoints, args.lr_tuned,
+                                  None if args.no_untrained else UNTRAINED)
+             if checkpoints else {})
     cands |= {f"{b} (tuned)" if BASELINES[b].grid else b: BASELINES[b] for b in args.baselines}
     grids = {"lr": args.lr_grid, "wd": args.wd_grid}
     cands = {k: c._replace(grid={n: grids[n] or v for n, v in c.grid.items()})
              for k, c in cands.items()}
-    rows = evaluate_candidates(cands, args.architectures, args.horizons, args.out, args.seeds,
-                               args.tune_seeds)
+    evaluate_candidates(cands, args.architectures, args.horizons, args.out, args.seeds,
+                        args.tune_seeds)
+    # The table: every finished candidate of these architectures and horizons, this call's and
+    # earlier calls' (several processes may share --out, each with its own candidates).
+    rows = [json.loads(p.read_text())["row"] for name in args.architectures
+            for steps in args.horizons
+            for p in sorted((Path(args.out) / name / f"T={steps}").glob("*.json"))]
     text = table(rows)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
