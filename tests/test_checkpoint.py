@@ -193,14 +193,15 @@ def test_shipped_optimizer_infers_the_spec_in_call_order():
 
     for model in (Nested(), WithNorm()):
         params = model.init(jax.random.key(0), jnp.ones((1, 5)))["params"]
-        tx = learned_opt.load_optax(learned_opt.list_pretrained()[0], num_steps=10)
-        state = tx.init(params)
-        updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
-        assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+        for name in learned_opt.list_pretrained():
+            tx = learned_opt.load_optax(name, num_steps=10)
+            state = tx.init(params)
+            updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+            assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates)), name
 
 
 def test_shipped_optimizer_on_half_precision_and_list_trees():
-    tx = learned_opt.load_optax(learned_opt.list_pretrained()[0], num_steps=10)
+    tx = learned_opt.load_optax("unf_universal_4tasks", num_steps=10)
     params = {"Dense_0": {"kernel": jnp.ones((4, 16), jnp.bfloat16),
                           "bias": jnp.zeros(16, jnp.bfloat16)},
               "Dense_1": {"kernel": jnp.ones((16, 3), jnp.float16),

@@ -219,3 +219,25 @@ def test_family_tasks_are_registered_and_grey_cifar_is_the_block_mean():
     params = task.init(jax.random.key(0))
     loss = float(task.loss(params, task.sample_batch(jax.random.key(1))))
     assert abs(loss - np.log(10)) < 0.5
+
+
+def test_shipped_direction_optimizer_trains_an_unseen_model_offline():
+    assert "direction_unf_family" in learned_opt.list_pretrained()
+    lopt, meta = learned_opt.load("direction_unf_family")
+    assert lopt.name == "direction_unf" and lopt.num_meta_params(meta) == 1851
+    task = tasks.get_task("mlp_fmnist_tiny")  # no family member has this size
+    params = task.init(jax.random.key(0))
+    tx = learned_opt.load_optax("direction_unf_family", num_steps=150)
+
+    @jax.jit
+    def step(params, state, key):
+        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(key))
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    state, losses = tx.init(params), []
+    for t in range(150):
+        params, state, loss = step(params, state, jax.random.key(t))
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and np.mean(losses[-15:]) < 0.9 * np.mean(losses[:5])
+
