@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# One CPU device: on 2 cores the MLP task's PES step ran 6.5 outer steps/s on one device and 4.8
-# sharded over two (mlp_fmnist, K=50, population 16).
+# The shipped learned optimizer against tuned AdamW on an unseen model, then a short
+# meta-training of its rule (scripts/demo.py; the v0.2 demo is scripts/demo_unf_mlp.py).
 demo: setup
 	$(PY) scripts/demo.py
 

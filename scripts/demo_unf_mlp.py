@@ -1,4 +1,4 @@
-"""`make demo`: meta-train the UNF learned optimizer on mlp_fmnist, then evaluate it honestly.
+"""Meta-train the UNF learned optimizer on mlp_fmnist, then evaluate it honestly (the v0.2 demo).
 
 1. Meta-trains ``unf`` on ``mlp_fmnist`` (offline Fashion-MNIST 8x8) with PES: 16 inner runs
    (8 antithetic pairs) sharded over every device, truncations of K=50 steps, episodes of

@@ -99,7 +99,8 @@ def test_missing_data_error_is_fast_and_says_what_to_do(tmp_path):
 
 def test_every_task_has_a_tiny_variant():
     family = tasks.family.FAMILY  # already small: meta-training's task family
-    full = [name for name in tasks.list_tasks() if not name.endswith("_tiny") and name not in family]
+    full = [name for name in tasks.list_tasks()
+            if not name.endswith("_tiny") and name not in family]
     assert sorted(f"{name}_tiny" for name in full) == sorted(TINY)
 
 
