@@ -156,6 +156,13 @@ class MetaTrainConfig:
             return self.task_args
         return self.task_args.get(task, {})
 
+    @classmethod
+    def field_names(cls) -> set[str]:
+        """Every option's name (``meta_train(config, given=...)``: a caller whose config holds
+        every option it wants, the automatic loss_cap aside, gives ``field_names() - {"loss_cap"}``
+        so that a resumed run checks the trajectory options and takes the others from it)."""
+        return {f.name for f in dataclasses.fields(cls)}
+
     # Fields that define the trajectory: a resumed run must keep them.
     RUN_FIELDS = (
         "task", "task_args", "optimizer", "optimizer_args", "estimator", "population",

@@ -153,7 +153,7 @@ def run_method(protocol: TaskProtocol, method: str, budget: int, out, runs, seed
         f"({facts['member_steps']:,} member-steps, {100 * facts['paper_fraction']:.1f}% of the "
         f"paper's {PAPER_OUTER_STEPS:,})")
     config = meta_config(protocol, method, budget, run_dir, seed, wandb)
-    given = set(MetaTrainConfig.RUN_FIELDS) - {"loss_cap"}
+    given = MetaTrainConfig.field_names() - {"loss_cap"}
     t0 = time.perf_counter()
     meta_train(config, progress=True, given=given)
     rows = read_metrics(run_dir)

@@ -78,7 +78,7 @@ def meta_train_briefly(args, out: Path) -> None:
     print(f"\n2/2 meta-training direction_unf on {list(FAMILY_TASKS)}: PES, population "
           f"{config.population}, K={config.truncation}, episodes of 40-400 steps, "
           f"{config.outer_steps} outer steps -> {config.out}")
-    result = meta_train(config, progress=True, given=set(MetaTrainConfig.RUN_FIELDS))
+    result = meta_train(config, progress=True, given=MetaTrainConfig.field_names() - {"loss_cap"})
     losses = np.array([r["meta_loss"] for r in result.history])
     if len(losses) >= 40:
         print(f"meta-loss (mean training loss over the unrolls), first 20 outer steps "

@@ -73,7 +73,7 @@ def main(argv=None):
     print(f"1/2 meta-training unf on mlp_fmnist: PES, K={config.truncation}, "
           f"T={config.horizon}, {config.outer_steps} outer steps -> {out}")
     # Resuming an existing run is refused if any trajectory-defining option differs.
-    given = set(MetaTrainConfig.RUN_FIELDS) - {"loss_cap"}
+    given = MetaTrainConfig.field_names() - {"loss_cap"}
     result = meta_train(config, progress=True, given=given)
     t_train = time.perf_counter() - t_start
     lopt, meta = result.lopt, result.meta_params
