@@ -79,6 +79,37 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def wide_table(rows) -> str:
+    """One row per (architecture, horizon), one column per candidate: final training loss,
+    mean +- SE; learned candidates also their paired difference to tuned AdamW."""
+    from meta_train.evaluation import paired_difference
+
+    names = list(dict.fromkeys(r["optimizer"] for r in rows))
+    names = sorted(names, key=lambda n: (n.startswith("direction"), n != REFERENCE, n))
+    cells: dict = {}
+    for r in rows:
+        cells[r["architecture"], r["horizon"], r["optimizer"]] = r
+    lines = ["| architecture | T | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for arch, steps in dict.fromkeys((r["architecture"], r["horizon"]) for r in rows):
+        ref = cells.get((arch, steps, REFERENCE))
+        out = []
+        for n in names:
+            r = cells.get((arch, steps, n))
+            if r is None or "final_train_loss" not in r:
+                out.append("")
+                continue
+            text = f"{r['final_train_loss']:.4f} ± {r['final_train_loss_se']:.4f}"
+            if ref is not None and r is not ref and n.startswith(("direction", "normalised")):
+                d = paired_difference(r["per_seed_final_train_loss"],
+                                      ref["per_seed_final_train_loss"])
+                text += f" ({d['mean']:+.4f} ± {d['se']:.4f})"
+            hp = ", ".join(f"{k} {v:g}" for k, v in (r["hparams"] or {}).items())
+            out.append(text + (f" [{hp}]" if hp else ""))
+        lines.append(f"| {arch} | {steps} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_data_dir(args.data_dir)
@@ -101,9 +132,10 @@ def main(argv=None) -> int:
             for steps in args.horizons
             for p in sorted((Path(args.out) / name / f"T={steps}").glob("*.json"))]
     text = table(rows)
-    print(text)
+    wide = wide_table(rows)
+    print(f"{text}\n\n{wide}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.md").write_text(text + "\n")
+    (Path(args.out) / "summary.md").write_text(f"{text}\n\n{wide}\n")
     return 0
 
 
