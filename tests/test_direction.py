@@ -241,3 +241,24 @@ def test_shipped_direction_optimizer_trains_an_unseen_model_offline():
         losses.append(float(loss))
     assert np.isfinite(losses).all() and np.mean(losses[-15:]) < 0.9 * np.mean(losses[:5])
 
+
+
+def test_vector_rule_adam_gives_rank_one_leaves_adams_direction():
+    shapes, spec = SPACES["mlp"]()
+    params = random_tree(1, shapes, 0.5)
+    grads = [random_tree(10 + i, shapes) for i in range(3)]
+    lopt = learned_opt.learned_optimizer("direction_unf", params, spec, vector_rule="adam")
+    got, _ = run(lopt, perturbed_meta(lopt), params, grads)
+    cfg = lopt.config
+    b1, b2 = cfg.momentum_decays[0], cfg.factored_decay
+    for layer in ("Dense_0", "Dense_1"):
+        m = v = 0.0
+        for g in grads:
+            x = np.asarray(g[layer]["bias"], np.float64)
+            m, v = b1 * m + (1 - b1) * x, b2 * v + (1 - b2) * x * x
+        t = len(grads)
+        want = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + 1e-8)
+        np.testing.assert_allclose(np.asarray(got[layer]["bias"]), want, rtol=1e-4, atol=1e-6)
+        # Kernels keep the learned, unit-RMS direction.
+        rms = float(jnp.sqrt(jnp.mean(jnp.square(got[layer]["kernel"]))))
+        np.testing.assert_allclose(rms, 1.0, rtol=1e-5)
