@@ -30,6 +30,7 @@ import optax
 
 from learned_opt.network import list_agnostic_optimizers
 from learned_opt.spec import PermSpecError
+from learned_opt.weight_space import check_not_masked
 
 if TYPE_CHECKING:
     from learned_opt.optimizer import LearnedOptimizer
@@ -102,6 +103,7 @@ def agnostic_optax(name: str, meta_params: dict[str, Any], perm_spec: PyTree = N
         if key not in built:
             spec = perm_spec
             if spec is None:
+                check_not_masked(params)
                 # From the caller's tree, whose key order is the model's call order (a copy made
                 # by jax.tree.map is key-sorted, and inference would see another chain).
                 from learned_opt.infer import infer_perm_spec

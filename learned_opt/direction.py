@@ -52,7 +52,7 @@ import optax
 from learned_opt.config import check_num_steps
 from learned_opt.spec import PermSpecError, is_spec_leaf, label_sizes, path_str
 from learned_opt.universal import UniversalDeepSetLinear, UniversalUNFLinear
-from learned_opt.weight_space import WeightSpace, check_arrays, relax_fixed_axes
+from learned_opt.weight_space import WeightSpace, check_arrays, check_not_masked, relax_fixed_axes
 
 PyTree = Any
 
@@ -309,6 +309,7 @@ def _net_spec_for(layer: str, params: PyTree, perm_spec: PyTree) -> PyTree:
     if perm_spec is None:
         from learned_opt.infer import infer_perm_spec
 
+        check_not_masked(params)
         try:
             perm_spec = infer_perm_spec(params)
         except PermSpecError as e:

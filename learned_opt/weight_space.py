@@ -83,6 +83,23 @@ def relax_fixed_axes(spec: PyTree) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def check_not_masked(params: PyTree) -> None:
+    """``PermSpecError`` when ``optax.masked`` / ``optax.multi_transform`` left leaves out of
+    ``params`` and a spec must be inferred: a weight-space layer needs the whole weight space
+    (the part given is not a network whose spec can be read)."""
+    import optax
+
+    flat = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+    left_out = [path_str(p) for p, x in flat if isinstance(x, optax.MaskedNode)]
+    if left_out:
+        raise PermSpecError(
+            f"optax.masked / multi_transform gave this learned optimizer part of the weight space "
+            f"(left out: {left_out}); its layer relates every tensor to the others, so it cannot "
+            "infer a spec for a part. Give it every parameter, or pass perm_spec=... for the "
+            "part it gets (a layer='none' / direction_elementwise rule needs no spec)")
+
+
 def check_arrays(params: PyTree, what: str = "params") -> None:
     """Raise ``ValueError`` naming the leaf for a tree an update rule cannot work on."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -262,3 +262,23 @@ def test_vector_rule_adam_gives_rank_one_leaves_adams_direction():
         # Kernels keep the learned, unit-RMS direction.
         rms = float(jnp.sqrt(jnp.mean(jnp.square(got[layer]["kernel"]))))
         np.testing.assert_allclose(rms, 1.0, rtol=1e-5)
+
+
+def test_masked_parts_of_a_weight_space_are_refused_clearly():
+    shapes, _ = SPACES["mlp"]()
+    params = random_tree(1, shapes, 0.5)
+    kernels_only = jax.tree.map(lambda p: p.ndim == 2, params)
+    for name in learned_opt.list_pretrained():
+        for tx in (optax.masked(learned_opt.load_optax(name, num_steps=10), kernels_only),
+                   optax.multi_transform(
+                       {"lopt": learned_opt.load_optax(name, num_steps=10), "sgd": optax.sgd(0.1)},
+                       jax.tree.map(lambda k: "lopt" if k else "sgd", kernels_only))):
+            with pytest.raises(learned_opt.PermSpecError, match=r"optax.masked / "
+                               r"multi_transform .*left out: \['Dense_0/bias'"):
+                tx.init(params)
+    # The per-element rule needs no spec: masking works.
+    lopt = learned_opt.learned_optimizer("direction_elementwise", params)
+    tx = optax.masked(lopt.as_optax(lopt.init(jax.random.key(0)), 10), kernels_only)
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert float(jnp.abs(updates["Dense_0"]["bias"]).max()) > 0  # masked: passed through
+    np.testing.assert_array_equal(updates["Dense_0"]["bias"], params["Dense_0"]["bias"])
