@@ -1,7 +1,8 @@
 """learned_opt: permutation-equivariant weight-space networks and learned optimizers in JAX.
 
 Weight-space layers (UNF, Deep Set, NFN), permutation specs and their checks, learned optimizers
-with an inner-loop interface and an optax adapter, checkpoints, and hand-designed baselines.
+with an inner-loop interface and an optax adapter, learned-direction rules as optax
+transformations (``scale_by_learned_direction``), checkpoints, and hand-designed baselines.
 """
 
 from learned_opt import hand_designed, presets
@@ -10,6 +11,12 @@ from learned_opt.check import check_perm_spec
 from learned_opt.checkpoint import CheckpointError, list_pretrained, load, load_optax, save
 from learned_opt.config import LearnedOptimizerConfig
 from learned_opt.deepset import DeepSetLinear
+from learned_opt.direction import (
+    DirectionConfig,
+    default_schedule,
+    learned_direction,
+    scale_by_learned_direction,
+)
 from learned_opt.infer import infer_perm_spec
 from learned_opt.nfn import NFNLinear
 from learned_opt.optimizer import LearnedOptimizer, LearnedOptimizerState
@@ -53,6 +60,11 @@ __all__ = [
     "list_optimizers",
     "list_agnostic_optimizers",
     "agnostic_optax",
+    # Learned-direction rules (the step size outside, as an optax schedule).
+    "DirectionConfig",
+    "scale_by_learned_direction",
+    "learned_direction",
+    "default_schedule",
     "list_pretrained",
     "save",
     "load",
