@@ -191,8 +191,24 @@ def test_shipped_optimizer_infers_the_spec_in_call_order():
         def __call__(self, x):
             return nn.Dense(3)(nn.relu(nn.LayerNorm()(nn.Dense(8)(x))))
 
-    for model in (Nested(), WithNorm()):
-        params = model.init(jax.random.key(0), jnp.ones((1, 5)))["params"]
+    class Remat(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.remat(nn.Dense)
+            return dense(3)(nn.relu(dense(8)(x)))
+
+    class ConvBatchNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x)))
+            return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+    # BatchNorm's scale and bias must get the convolution's channel label, not (None,).
+    bn = ConvBatchNorm().init(jax.random.key(0), jnp.ones((1, 6, 6, 2)))["params"]
+    assert learned_opt.infer_perm_spec(bn)["BatchNorm_0"]["scale"] == ("Conv_0",)
+    inputs = {Nested: (1, 5), WithNorm: (1, 5), Remat: (1, 5), ConvBatchNorm: (1, 6, 6, 2)}
+    for model in (Nested(), WithNorm(), Remat(), ConvBatchNorm()):
+        params = model.init(jax.random.key(0), jnp.ones(inputs[type(model)]))["params"]
         for name in learned_opt.list_pretrained():
             tx = learned_opt.load_optax(name, num_steps=10)
             state = tx.init(params)
