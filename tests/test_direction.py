@@ -38,9 +38,10 @@ def run(lopt, meta, params, grads_list):
     return updates, state
 
 
-# The Deep Set readout on two spaces (it has one map type per rank), the UNF readout on all.
-EQUIVARIANCE_CASES = ([("direction_deepset", s) for s in ("cnn", "transformer")]
-                      + [("direction_unf", s) for s in sorted(SPACES)])
+# The Deep Set readout on one space (it has one map type per rank), the UNF readout on three
+# (the MLP's map types are a subset of the others'; the scale test below uses it).
+EQUIVARIANCE_CASES = [("direction_deepset", "transformer"),
+                      *[("direction_unf", s) for s in ("cnn", "rnn", "transformer")]]
 
 
 @pytest.mark.parametrize("name,space", EQUIVARIANCE_CASES)
