@@ -174,3 +174,31 @@ def test_evaluate_script_takes_every_task_of_a_multi_task_run(tmp_path):
         assert {r["optimizer"] for r in rows} == {"direction_elementwise (meta-trained)",
                                                   "adam_default"}
         assert all(math.isfinite(r["final_train_loss"]) for r in rows)
+
+
+def test_heldout_candidates_are_cached_per_candidate_and_reused(tmp_path):
+    import learned_opt
+    from meta_train import heldout
+
+    params = tasks.get_task("mlp_fmnist_tiny").init(jax.random.key(0))
+    lopt = learned_opt.learned_optimizer("direction_unf", params)
+    learned_opt.save(tmp_path / "opt", lopt, lopt.init(jax.random.key(0)))
+    cands = heldout.direction_candidates({"mine": str(tmp_path / "opt")}, ["mine"])
+    assert set(cands) == {"mine", "mine (lr tuned)", "normalised Adam (untrained rule)"}
+    with pytest.raises(ValueError, match="lr_tuned names \\['other'\\]"):
+        heldout.direction_candidates({"mine": str(tmp_path / "opt")}, ["other"])
+    cands = {"mine": cands["mine"], "adam_default": ev.BASELINES["adam_default"]}
+    rows = heldout.evaluate_candidates(cands, ["mlp_fmnist_tiny"], [5], tmp_path / "out",
+                                       [100, 101], [200], log=lambda m: None)
+    assert [r["optimizer"] for r in rows] == ["mine", "adam_default"]
+    assert all(math.isfinite(r["final_train_loss"]) for r in rows)
+    # A rerun reads the files instead of training again (a marker written into one shows it).
+    path = tmp_path / "out" / "mlp_fmnist_tiny" / "T=5" / "adam_default.json"
+    data = json.loads(path.read_text())
+    data["row"]["final_train_loss"] = -1.0
+    path.write_text(json.dumps(data))
+    again = heldout.evaluate_candidates(cands, ["mlp_fmnist_tiny"], [5], tmp_path / "out",
+                                        [100, 101], [200], log=lambda m: None)
+    assert again[1]["final_train_loss"] == -1.0 and again[0] == rows[0]
+    with pytest.raises(KeyError, match="unknown architecture 'nope'"):
+        heldout.get_architecture("nope")
