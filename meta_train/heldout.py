@@ -122,16 +122,15 @@ def candidates(optimizer: str, baselines: Sequence[str] = ("adam", "sgdm")) -> d
     """The optimizer (``learned``), its initialisation, and ``baselines`` (names in
     ``meta_train.evaluation.BASELINES``, tuned on their grids), as evaluation candidates."""
     import learned_opt
+    from learned_opt.checkpoint import optax_for
     from meta_train.evaluation import BASELINES, Candidate
     from meta_train.train import initial_meta_params
 
     lopt, meta = learned_opt.load(optimizer)
     init_meta = initial_meta_params(lopt, 0)  # where its meta-training started (seed 0)
-    config = dataclasses.asdict(lopt.config)
 
     def agnostic(m):
-        return Candidate(lambda task, steps: learned_opt.agnostic_optax(
-            lopt.name, m, task.perm_spec, steps, **config))
+        return Candidate(lambda task, steps: optax_for(lopt, m, steps, task.perm_spec))
 
     return ({"learned": agnostic(meta), "initialisation": agnostic(init_meta)}
             | {f"{b} (tuned)": BASELINES[b] for b in baselines})
@@ -189,10 +188,11 @@ def direction_candidates(checkpoints: dict[str, str], lr_tuned: Sequence[str] = 
     per tensor, the same for every variant) under ``untrained`` when given."""
     import learned_opt
     from learned_opt import direction, hand_designed
+    from learned_opt.checkpoint import optax_for
     from meta_train.evaluation import Candidate
 
     def default(lopt, meta):
-        return Candidate(lambda task, steps: lopt.as_optax(meta, steps, task.perm_spec))
+        return Candidate(lambda task, steps: optax_for(lopt, meta, steps, task.perm_spec))
 
     def tuned(lopt, meta):
         def make(lr, task, steps):  # lr traced: the whole grid in one jit
