@@ -137,3 +137,77 @@ def restore(run_dir: str | os.PathLike, template: Any) -> tuple[int, Any]:
                           + "; ".join(problems), stacklevel=2)
         return int(entry["step"]), state
     raise TrainingCheckpointError("no usable training checkpoint: " + "; ".join(problems))
+
+
+_RUN_FILES = ("config.json",)
+_RUN_DIRS = ("snapshots", "optimizer")
+
+
+def _copy_run_files(src: Path, dest: Path) -> None:
+    import shutil
+
+    for name in _RUN_FILES:
+        shutil.copy2(src / name, dest / name)
+    for name in _RUN_DIRS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dest / name, dirs_exist_ok=True)
+
+
+def export_run(run_dir: str | os.PathLike, dest: str | os.PathLike) -> int:
+    """Copy what resumes ``run_dir`` on another machine into ``dest`` (small enough to commit).
+
+    ``dest`` gets ``config.json``, the newest checkpoint only (``checkpoints/``), the snapshots
+    and final optimizer when present, and ``metrics.jsonl.gz`` (gzip without a timestamp, so an
+    unchanged log gives an unchanged file). Returns the checkpoint's outer step. The run may be
+    running: the checkpoint copied is the one ``latest.json`` names when read (checksummed).
+    """
+    import gzip
+    import shutil
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    meta = latest(run_dir)
+    if meta is None:
+        raise FileNotFoundError(f"no training checkpoint in {run_dir / 'checkpoints'}")
+    src = run_dir / "checkpoints" / meta["file"]
+    blob = src.read_bytes()  # before anything is written: a newer save may delete src
+    entry = {"step": meta["step"], "file": meta["file"], "sha256": meta["sha256"]}
+    out = dest / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("step_*.msgpack"):
+        old.unlink()
+    write_atomic(out / meta["file"], blob)
+    read_verified(out / meta["file"], meta["sha256"], "latest.json", TrainingCheckpointError)
+    write_atomic(out / "latest.json", json.dumps(meta | {"kept": [entry]}, indent=2).encode())
+    _copy_run_files(run_dir, dest)
+    if (run_dir / "metrics.jsonl").exists():
+        with (run_dir / "metrics.jsonl").open("rb") as f, gzip.GzipFile(
+                dest / "metrics.jsonl.gz", "wb", mtime=0) as g:
+            shutil.copyfileobj(f, g)
+    return int(meta["step"])
+
+
+def import_run(src: str | os.PathLike, run_dir: str | os.PathLike) -> int:
+    """Lay out an :func:`export_run` copy as a run directory that ``--resume`` continues.
+
+    Refuses a ``run_dir`` that already holds a checkpoint (nothing is overwritten). Returns the
+    checkpoint's outer step.
+    """
+    import gzip
+    import shutil
+
+    src, run_dir = Path(src), Path(run_dir)
+    meta = latest(src)
+    if meta is None:
+        raise FileNotFoundError(f"{src} holds no exported run (no checkpoints/latest.json)")
+    if latest(run_dir, missing_ok=True) is not None:
+        raise FileExistsError(f"{run_dir} already holds a run; import into an empty directory")
+    read_verified(src / "checkpoints" / meta["file"], meta["sha256"], "latest.json",
+                  TrainingCheckpointError)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "checkpoints", run_dir / "checkpoints", dirs_exist_ok=True)
+    _copy_run_files(src, run_dir)
+    if (src / "metrics.jsonl.gz").exists():
+        with gzip.open(src / "metrics.jsonl.gz", "rb") as g, (
+                run_dir / "metrics.jsonl").open("wb") as f:
+            shutil.copyfileobj(g, f)
+    return int(meta["step"])

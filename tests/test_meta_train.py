@@ -160,6 +160,27 @@ def test_interrupted_and_resumed_equals_uninterrupted(pes_setup, tmp_path, monke
     assert steps == list(range(6))
 
 
+def test_exported_run_resumes_elsewhere_bit_exactly(pes_setup, tmp_path):
+    # What a run longer than one session commits (scripts/sync_run.py), laid out on a "fresh
+    # machine" (another directory) and resumed, equals the uninterrupted run.
+    from meta_train.checkpoint import export_run, import_run
+
+    cfg = pes_setup.config.replace(outer_steps=6, checkpoint_every=2, snapshot_every=2)
+    full = meta_train(cfg.replace(out=str(tmp_path / "full")), progress=False, setup=pes_setup)
+    part = cfg.replace(out=str(tmp_path / "part"), outer_steps=4)
+    meta_train(part, progress=False, setup=pes_setup)
+    assert export_run(tmp_path / "part", tmp_path / "exported") == 4
+    assert len(list((tmp_path / "exported" / "checkpoints").glob("*.msgpack"))) == 1
+    assert (tmp_path / "exported" / "snapshots" / "step_0000004").is_dir()
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        import_run(tmp_path / "exported", tmp_path / "part")
+    assert import_run(tmp_path / "exported", tmp_path / "elsewhere") == 4
+    moved = cfg.replace(out=str(tmp_path / "elsewhere"), resume=True)
+    resumed = meta_train(moved, progress=False, setup=pes_setup)
+    np.testing.assert_array_equal(_flat(resumed.meta_params), _flat(full.meta_params))
+    assert [row["step"] for row in read_metrics(tmp_path / "elsewhere")] == list(range(6))
+
+
 def compare_runs(setups, steps=4):
     """Run each setup from its initial state; every pair must agree.
 
