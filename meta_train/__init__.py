@@ -3,16 +3,22 @@
 * ``meta_train.inner``: a population of inner training runs (``InnerProblem``).
 * ``meta_train.estimators``: PES over truncations and antithetic ES over full unrolls (evosax).
 * ``meta_train.train``: config -> run directory with checkpoints, metrics, wandb, optimizer.
+* ``meta_train.callbacks``: hooks of the loop (metrics, progress bar, snapshots, your own).
+* ``meta_train.checkpoint``: training checkpoints; ``export_run`` / ``import_run`` carry a run
+  to another machine.
+* ``meta_train.experiments``: research experiments built on the above (the paper's experiment 1,
+  the held-out architectures).
 * ``meta_train.evaluation``: train fresh task networks with learned and tuned optax optimizers.
 """
 
+from meta_train.callbacks import Callback
 from meta_train.config import ConfigError, MetaTrainConfig
 from meta_train.estimators import ESTIMATORS, PES, EstimatorState, FullES, outer_optimizer
 from meta_train.inner import InnerProblem, InnerState, UnrollOutput
 from meta_train.train import MetaTrainResult, build, load_run_config, meta_train, step_key
 
 __all__ = [
-    "ESTIMATORS", "PES", "ConfigError", "EstimatorState", "FullES", "InnerProblem",
+    "ESTIMATORS", "PES", "Callback", "ConfigError", "EstimatorState", "FullES", "InnerProblem",
     "InnerState", "MetaTrainConfig", "MetaTrainResult", "UnrollOutput", "build",
     "load_run_config", "meta_train", "outer_optimizer", "step_key",
 ]

@@ -16,8 +16,10 @@ of ``(seed, t)`` (``meta_train.train.step_key``), so the seed and the step fix i
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -144,8 +146,6 @@ _RUN_DIRS = ("snapshots", "optimizer")
 
 
 def _copy_run_files(src: Path, dest: Path) -> None:
-    import shutil
-
     for name in _RUN_FILES:
         shutil.copy2(src / name, dest / name)
     for name in _RUN_DIRS:
@@ -157,12 +157,10 @@ def export_run(run_dir: str | os.PathLike, dest: str | os.PathLike) -> int:
     """Copy what resumes ``run_dir`` on another machine into ``dest`` (small enough to commit).
 
     ``dest`` gets ``config.json``, the newest checkpoint only (``checkpoints/``), the snapshots
-    and final optimizer when present, and ``metrics.jsonl.gz`` (gzip without a timestamp, so an
-    unchanged log gives an unchanged file). Returns the checkpoint's outer step. The run may be
-    running: the checkpoint copied is the one ``latest.json`` names when read (checksummed).
+    and final optimizer when present, and the metrics log as gzipped chunks (``metrics/``).
+    Returns the checkpoint's outer step. The run may be running: the checkpoint copied is the
+    one ``latest.json`` names when read (checksummed).
     """
-    import gzip
-    import shutil
 
     run_dir, dest = Path(run_dir), Path(dest)
     meta = latest(run_dir)
@@ -180,10 +178,23 @@ def export_run(run_dir: str | os.PathLike, dest: str | os.PathLike) -> int:
     write_atomic(out / "latest.json", json.dumps(meta | {"kept": [entry]}, indent=2).encode())
     _copy_run_files(run_dir, dest)
     if (run_dir / "metrics.jsonl").exists():
-        with (run_dir / "metrics.jsonl").open("rb") as f, gzip.GzipFile(
-                dest / "metrics.jsonl.gz", "wb", mtime=0) as g:
-            shutil.copyfileobj(f, g)
+        _export_metrics(run_dir / "metrics.jsonl", dest / "metrics")
     return int(meta["step"])
+
+
+METRICS_CHUNK = 5000  # rows per exported metrics file: a finished chunk never changes again
+
+
+def _export_metrics(path: Path, out: Path) -> None:
+    """``metrics.jsonl`` as gzipped chunks of ``METRICS_CHUNK`` rows, written only when their
+    bytes change: repeated exports of a growing log add only its newest chunk to git."""
+    lines = [ln for ln in path.read_bytes().splitlines(keepends=True) if ln.endswith(b"\n")]
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(lines), METRICS_CHUNK):
+        file = out / f"rows_{i:08d}.jsonl.gz"
+        blob = gzip.compress(b"".join(lines[i:i + METRICS_CHUNK]), mtime=0)
+        if not file.exists() or file.read_bytes() != blob:
+            write_atomic(file, blob)
 
 
 def import_run(src: str | os.PathLike, run_dir: str | os.PathLike) -> int:
@@ -192,9 +203,6 @@ def import_run(src: str | os.PathLike, run_dir: str | os.PathLike) -> int:
     Refuses a ``run_dir`` that already holds a checkpoint (nothing is overwritten). Returns the
     checkpoint's outer step.
     """
-    import gzip
-    import shutil
-
     src, run_dir = Path(src), Path(run_dir)
     meta = latest(src)
     if meta is None:
@@ -206,8 +214,8 @@ def import_run(src: str | os.PathLike, run_dir: str | os.PathLike) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src / "checkpoints", run_dir / "checkpoints", dirs_exist_ok=True)
     _copy_run_files(src, run_dir)
-    if (src / "metrics.jsonl.gz").exists():
-        with gzip.open(src / "metrics.jsonl.gz", "rb") as g, (
-                run_dir / "metrics.jsonl").open("wb") as f:
-            shutil.copyfileobj(g, f)
+    chunks = sorted((src / "metrics").glob("rows_*.jsonl.gz"))
+    with (run_dir / "metrics.jsonl").open("wb") as f:
+        for chunk in chunks:
+            f.write(gzip.decompress(chunk.read_bytes()))
     return int(meta["step"])

@@ -1,4 +1,4 @@
-"""Command line of ``scripts/meta_train.py``: one flag per ``MetaTrainConfig`` field.
+"""Command line of ``python -m meta_train``: one flag per ``MetaTrainConfig`` field.
 
 Example:
   >>> cfg, given = parse_args(["--task", "mlp_fmnist", "--population", "8", "--task-arg",
@@ -14,12 +14,19 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from meta_train.config import CHOICES, ConfigError, MetaTrainConfig
 
 _SINGULAR = {"task_args": "task-arg", "optimizer_args": "optimizer-arg"}
 JOIN_TIMEOUT_S = 120.0  # --join-timeout default: how long processes wait for each other
 
+
+
+def _prog() -> str:
+    """``lopt-meta-train`` or ``python -m meta_train``, as invoked."""
+    name = Path(sys.argv[0]).name
+    return "python -m meta_train" if name in ("__main__.py", "") else name
 
 def key_value(text: str) -> tuple[str, object]:
     """argparse type of ``KEY=VALUE`` flags: VALUE parsed as JSON, else kept as a string."""
@@ -43,7 +50,7 @@ def _valid_names() -> dict[str, list[str]]:
 def make_parser() -> argparse.ArgumentParser:
     names = _valid_names()
     parser = argparse.ArgumentParser(
-        prog="meta_train.py",
+        prog=_prog(),
         description="Meta-train a learned optimizer on one task with PES or ES (evosax). "
         "Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/wandb/ and the "
         "final optimizer OUT/optimizer (learned_opt.load_optax reads it).",
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         result = meta_train(config, progress=True, given=given)
     except (ConfigError, FileNotFoundError, TrainingCheckpointError) as e:
         # FileNotFoundError: task data missing
-        print(f"meta_train.py: error: {e}", file=sys.stderr)
+        print(f"{_prog()}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,6 +1,6 @@
 """The typed configuration of a meta-training run (saved as ``DIR/config.json``).
 
-Every field is a command-line flag of ``scripts/meta_train.py`` (``--outer-steps`` for
+Every field is a command-line flag of ``python -m meta_train`` (``--outer-steps`` for
 ``outer_steps``); its help text is the field's ``help`` metadata.
 
 Example:

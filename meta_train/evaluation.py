@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from learned_opt import hand_designed
+from learned_opt.extras import pyplot
 from meta_train.inner import over_members, step_keys, train_steps
 
 EVAL_SEEDS = (100, 101, 102, 103, 104)  # never used by meta-training (it folds keys from seed)
@@ -354,10 +355,7 @@ def plot_curves(curves: dict, path: str | Path, title: str = "",
                 hide: Sequence[str] = ()) -> Path:
     """One panel per horizon of ``curves`` (as ``curves()`` returns): mean +- standard error,
     tuned candidates dashed, names containing a string of ``hide`` left out; saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = list(curves)
     fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.5), squeeze=False)

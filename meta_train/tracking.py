@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from learned_opt.extras import is_installed
+
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -45,11 +47,16 @@ def _has_api_key(host: str) -> bool:
 
 
 def usable_wandb_mode(mode: str, timeout: float = 3.0) -> str:
-    """``mode``, or ``"offline"`` with a warning when ``"online"`` cannot work here.
+    """``mode``, or ``"offline"`` with a warning when ``"online"`` cannot work here, or
+    ``"disabled"`` with a warning when wandb is not installed (the ``[wandb]`` extra).
 
     Online wandb without an API key fails after about 15 s and without network hangs about
     90 s before it crashes; both are checked in at most ``timeout`` seconds first.
     """
+    if mode != "disabled" and not is_installed("wandb"):
+        warnings.warn(f"wandb {mode} asked for, but wandb is not installed (pip install "
+                      "'learned-opt[wandb]'): the metrics go to metrics.jsonl only", stacklevel=2)
+        return "disabled"
     if mode != "online":
         return mode
     host = _wandb_host()

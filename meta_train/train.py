@@ -16,13 +16,12 @@ meta-parameters as an uninterrupted one.
 Scale: the population axis of the inner runs is sharded over a 1-D device mesh (axis ``pop``)
 with ``jax.sharding.NamedSharding``; the estimator state is replicated. With
 ``jax.distributed.initialize()`` called first, ``jax.devices()`` spans every host and the same
-code shards the population across hosts (``scripts/meta_train.py --num-processes``; see
+code shards the population across hosts (``python -m meta_train --num-processes``; see
 docs/meta_train.md); only process 0 writes the run directory and logs.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
@@ -32,6 +31,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,11 +44,12 @@ import learned_opt
 import tasks
 from learned_opt import direction
 from meta_train import checkpoint
+from meta_train.callbacks import Callback, MetricsRecorder, ProgressBar, Snapshots
 from meta_train.config import ConfigError, MetaTrainConfig
 from meta_train.estimators import ESTIMATORS, EstimatorState, outer_optimizer
 from meta_train.inner import InnerProblem
 from meta_train.multitask import MultiTaskProblem
-from meta_train.tracking import MetricsLogger, offline_run_hint
+from meta_train.tracking import MetricsLogger
 
 PyTree = Any
 
@@ -238,7 +239,10 @@ def make_step_fn(estimator, lopt, mesh: Mesh, shardings: EstimatorState, seed: i
     dataset is not embedded in the compiled program as a constant.
     """
 
+    traces = []  # one entry per trace = per compiled version of the step
+
     def train_step(state, t, data):
+        traces.append(t)
         state, metrics = estimator.step(state, step_key(seed, t), t, data)
         metrics = metrics | lopt.nominal(estimator.mean(state))
         return _strong(state), metrics
@@ -251,7 +255,7 @@ def make_step_fn(estimator, lopt, mesh: Mesh, shardings: EstimatorState, seed: i
     def step_fn(state, t):
         return jitted(state, t, data)
 
-    step_fn.compiled_versions = jitted._cache_size  # for the test that nothing recompiles
+    step_fn.compiled_versions = lambda: len(traces)  # for the test that nothing recompiles
     return step_fn
 
 
@@ -341,7 +345,8 @@ def _resolve_resume(config: MetaTrainConfig, given: set[str] | None) -> MetaTrai
 
 
 def meta_train(config: MetaTrainConfig, progress: bool = True,
-               given: set[str] | None = None, setup: Setup | None = None) -> MetaTrainResult:
+               given: set[str] | None = None, setup: Setup | None = None,
+               callbacks: Sequence[Callback] = ()) -> MetaTrainResult:
     """Run (or resume) meta-training as ``config`` says; returns the final meta-parameters.
 
     Args:
@@ -351,6 +356,8 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
         resumed run can reject changes to trajectory-defining options.
       setup: a ``build`` result to reuse (its compiled step included); it must have been built
         from a config with the same trajectory-defining options.
+      callbacks: more hooks of the loop (:mod:`meta_train.callbacks`), called after the
+        built-in ones (metrics, progress bar, snapshots).
 
     Writes ``DIR/config.json``, ``DIR/metrics.jsonl``, ``DIR/checkpoints/``, ``DIR/wandb/`` and
     the final ``DIR/optimizer`` (``learned_opt.save`` format). On Ctrl-C or SIGTERM, saves a
@@ -366,7 +373,7 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = _exclusive(run_dir)
     with lock, _sigterm_as_interrupt():
-        return _meta_train(config, progress, given, setup)
+        return _meta_train(config, progress, given, setup, callbacks)
 
 
 def _writes() -> bool:
@@ -427,7 +434,7 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _meta_train(config, progress, given, setup) -> MetaTrainResult:
+def _meta_train(config, progress, given, setup, callbacks) -> MetaTrainResult:
     run_dir = Path(config.out)
     resume_step = _resume_step(config)
     if resume_step is not None:
@@ -464,23 +471,19 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
     logger = MetricsLogger(run_dir, dataclasses.asdict(config), config.wandb,
                            start if resume_step is not None else None,
                            config.wandb_project) if writes else _NoLogger()
-    history: list[dict] = []
-    bar = None
-    if progress:
-        import sys
-
-        from tqdm.auto import tqdm
-
-        # Redraw at most once every 0.5 s on a terminal, every 30 s in a log file.
-        bar = tqdm(total=config.outer_steps, initial=start, desc="meta-train", unit="step",
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = ProgressBar(config.outer_steps, start) if progress else None
+    say = bar.say if bar is not None else print
+    recorder = MetricsRecorder(logger, per_step, say, hint_offline=progress)
+    hooks: list[Callback] = [recorder] + ([bar] if bar is not None else [])
+    if config.snapshot_every and writes:
+        hooks.append(Snapshots(run_dir, setup.lopt, setup.estimator, config.snapshot_every))
+    hooks += list(callbacks)
 
     def save(step, st):
         checkpoint.save(run_dir, step, st, config.to_json(), config.seed)
 
-    recent = collections.deque(maxlen=50)  # meta-losses of the last steps, for the bar
     done = start
-    pending = None  # (t, metrics, t_dispatch): fetched one step later so the device stays busy
+    pending = None  # (t, metrics): fetched one step later so that the device stays busy
     last = time.perf_counter()
 
     def flush(p):
@@ -491,20 +494,12 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
         row["inner_steps_per_s"] = per_step / max(now - last, 1e-9)
         row["wall_s"] = now - last
         last = now
-        recent.append(row["meta_loss"])
-        logger.log(t, row)
-        history.append({"step": t} | row)
-        if len(history) == 1 + _STEADY_STEPS:  # the first row includes the compilation
-            wall = sum(r["wall_s"] for r in history[1:])
-            _say(bar, f"steady state: {_STEADY_STEPS / wall:.3g} outer steps/s, "
-                 f"{_STEADY_STEPS * per_step / wall:.4g} member inner steps/s "
-                 f"(over {_STEADY_STEPS} steps after compilation)")
-        if bar is not None:
-            # refresh=False: set_postfix would otherwise redraw every step, defeating mininterval
-            shown = {k: f"{row[k]:.3g}" for k in ("alpha",) if k in row}  # nominal step
-            bar.set_postfix(meta_loss=f"{row['meta_loss']:.4f}",
-                            mean50=f"{sum(recent) / len(recent):.4f}", **shown, refresh=False)
-            bar.update(1)
+        for hook in hooks:
+            hook.on_step(t, row)
+
+    def end(interrupted):
+        for hook in reversed(hooks):
+            hook.on_end(done, state, interrupted)
 
     try:
         for t in range(start, config.outer_steps):
@@ -512,19 +507,18 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
             new_state, metrics = step_fn(state, np.int32(t))
             if t == start and compiles_here:  # the first call traces and compiles (blocking);
                 # execution itself is asynchronous, so this is the compile time
-                _say(bar, f"outer step compiled in {time.perf_counter() - t_call:.1f} s "
-                     f"(tracing + XLA, once per process; devices: {setup.mesh.size}, "
-                     f"processes: {jax.process_count()})")
-                if bar is not None:  # the rate and ETA count steps, not the compilation
-                    bar.start_t = bar.last_print_t = bar._time()
+                say(f"outer step compiled in {time.perf_counter() - t_call:.1f} s "
+                    f"(tracing + XLA, once per process; devices: {setup.mesh.size}, "
+                    f"processes: {jax.process_count()})")
+                if bar is not None:
+                    bar.restart_clock()
             if pending is not None:
                 flush(pending)
                 pending = None
             state, done = new_state, t + 1
             pending = (t, metrics)
-            if config.snapshot_every and done % config.snapshot_every == 0 and writes:
-                learned_opt.save(run_dir / "snapshots" / f"step_{done:07d}", setup.lopt,
-                                 jax.device_get(setup.estimator.mean(state)))
+            for hook in hooks:
+                hook.on_state(done, state)
             if done % config.checkpoint_every == 0 and done < config.outer_steps:
                 flush(pending)  # the metrics row of every step a checkpoint holds: first
                 pending = None
@@ -539,39 +533,15 @@ def _meta_train(config, progress, given, setup) -> MetaTrainResult:
                 flush(pending)
             except KeyboardInterrupt:
                 pass
-        if bar is not None:
-            bar.close()
-        logger.close()
-        if logger.mode == "offline":
-            print(offline_run_hint(run_dir))
+        end(interrupted=True)
         print(f"\ninterrupted: checkpoint at step {done} in {run_dir}; continue with --resume")
         raise
     save(done, state)
-    if bar is not None:
-        bar.close()
-    logger.close()
-    if logger.mode == "offline" and progress:
-        print(offline_run_hint(run_dir))
+    end(interrupted=False)
     meta_params = jax.device_get(setup.estimator.mean(state))
     if writes:
         learned_opt.save(run_dir / "optimizer", setup.lopt, meta_params)
-    return MetaTrainResult(setup.lopt, meta_params, history, run_dir, done)
-
-
-_STEADY_STEPS = 5  # steps after compilation over which the printed throughput is measured
-
-
-def _say(bar, message: str) -> None:
-    """Print ``message`` without breaking the progress bar (on a terminal; in a log file the
-    bar's lines do not overwrite each other, and redrawing it would defeat its throttle)."""
-    import sys
-
-    if bar is None:
-        print(message)
-    elif not sys.stderr.isatty():
-        print(message, file=sys.stderr, flush=True)
-    else:
-        bar.write(message)
+    return MetaTrainResult(setup.lopt, meta_params, recorder.history, run_dir, done)
 
 
 def load_run_config(run_dir) -> MetaTrainConfig:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
 
 
 def parse_args(argv=None):
@@ -453,10 +452,9 @@ def print_profile(results, limits, figure=None):
 def roofline_figure(results, limits, path):
     """Achieved FLOP/s against arithmetic intensity, under the measured matmul and bandwidth
     roofs."""
-    import matplotlib
+    from learned_opt.extras import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     mm = max(limits["matmul_one_flops"], limits["matmul_all_flops"]) / 1e9

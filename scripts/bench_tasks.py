@@ -17,12 +17,6 @@ Usage:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# scripts/meta_train.py would shadow the package of that name: the repository root goes first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import copy
 import dataclasses

@@ -40,12 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-import unf_reference as ref  # noqa: E402
-
-import learned_opt as lo  # noqa: E402
-from learned_opt.unf import basis_coefficients  # noqa: E402
+import learned_opt as lo
+from learned_opt.testing import unf_reference as ref
+from learned_opt.unf import basis_coefficients
 
 PAPER_F = {"mlp": 3783, "cnn": 7369, "rnn": 8043, "transformer": 64168}
 IN_CHANNELS = 19

@@ -19,11 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-# scripts/meta_train.py would shadow the package of that name: the repository root goes first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
-from meta_train.tracking import WANDB_MODES  # noqa: E402
+from meta_train.cli import add_data_dir_flag, apply_data_dir
+from meta_train.tracking import WANDB_MODES
 
 SHIPPED = "direction_unf_family"
 ARCHITECTURE = "mlp_deep_wide"
@@ -46,7 +43,7 @@ def evaluate_shipped(args, out: Path) -> None:
     """Step 1: the shipped optimizer, AdamW + cosine (tuned) and Adam (defaults)."""
     import learned_opt
     from meta_train import evaluation as ev
-    from meta_train.heldout import get_heldout
+    from meta_train.experiments.heldout import get_heldout
 
     task = get_heldout(ARCHITECTURE)
     seeds = [ev.EVAL_SEEDS[0] + i for i in range(args.seeds)]

@@ -20,11 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
-
-from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
-from meta_train.tracking import WANDB_MODES  # noqa: E402
+from meta_train.cli import add_data_dir_flag, apply_data_dir
+from meta_train.tracking import WANDB_MODES
 
 
 def parse_args(argv=None):

@@ -14,12 +14,8 @@ Example::
 
 import argparse
 import sys
-from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
-
-from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
+from meta_train.cli import add_data_dir_flag, apply_data_dir
 
 
 def main(argv=None) -> int:

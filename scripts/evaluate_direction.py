@@ -14,13 +14,9 @@ with each candidate's paired difference to tuned AdamW.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-# scripts/meta_train.py would shadow the package of that name: the repository root goes first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
+from meta_train.cli import add_data_dir_flag, apply_data_dir
 
 REFERENCE = "adamw_cosine (tuned)"
 UNTRAINED = "normalised Adam (untrained rule)"
@@ -28,12 +24,15 @@ UNTRAINED = "normalised Adam (untrained rule)"
 
 def parse_args(argv):
     from meta_train import evaluation
-    from meta_train.heldout import list_heldout
+    from meta_train.experiments.heldout import list_heldout
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", action="append", default=[], metavar="LABEL=PATH",
                         help="a learned-direction checkpoint or shipped name (repeatable)")
     parser.add_argument("--lr-tuned", nargs="*", default=[], metavar="LABEL")
+    parser.add_argument("--untrained-label", default=UNTRAINED,
+                        help="label of the untrained rule (it takes the schedule peak of the "
+                        "first --checkpoint: give another label when that peak differs)")
     parser.add_argument("--no-untrained", action="store_true",
                         help="leave out the untrained rule (Adam's direction normalised per "
                         "tensor)")
@@ -114,11 +113,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     apply_data_dir(args.data_dir)
     from meta_train.evaluation import BASELINES
-    from meta_train.heldout import direction_candidates, evaluate_candidates
+    from meta_train.experiments.heldout import direction_candidates, evaluate_candidates
 
     checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
     cands = (direction_candidates(checkpoints, args.lr_tuned,
-                                  None if args.no_untrained else UNTRAINED)
+                                  None if args.no_untrained else args.untrained_label)
              if checkpoints else {})
     cands |= {f"{b} (tuned)" if BASELINES[b].grid else b: BASELINES[b] for b in args.baselines}
     grids = {"lr": args.lr_grid, "wd": args.wd_grid}

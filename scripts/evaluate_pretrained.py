@@ -10,16 +10,13 @@ Against Adam and SGD-momentum tuned on other seeds, at several horizons; results
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
+from meta_train.cli import add_data_dir_flag, apply_data_dir
 
 
 def main(argv=None) -> int:
-    from meta_train.heldout import list_heldout
+    from meta_train.experiments.heldout import list_heldout
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizer", default="unf_universal_4tasks",
@@ -31,7 +28,7 @@ def main(argv=None) -> int:
     add_data_dir_flag(parser)
     args = parser.parse_args(argv)
     apply_data_dir(args.data_dir)
-    from meta_train.heldout import evaluate
+    from meta_train.experiments.heldout import evaluate
 
     evaluate(args.optimizer, args.architectures, args.horizons, args.out)
     # The table covers every finished (architecture, horizon) in --out, earlier calls included.

@@ -4,9 +4,9 @@ For each task (``--tasks``) and method (``--methods``, default the paper's metho
 meta-trains with the paper's PES protocol for ``--budget`` outer steps (the same budget and seed
 for every method), then evaluates on unseen seeds at the meta-training horizon T and at 5T
 against Adam and SGD-momentum tuned on other seeds. Writes ``results/experiment1/`` (see
-``meta_train.experiment``). Rerunning the same command resumes: finished runs and evaluations
-are reused, interrupted meta-training continues from its last checkpoint, a larger ``--budget``
-continues the same runs.
+``meta_train.experiments.experiment1``). Rerunning the same command resumes: finished runs and
+evaluations are reused, interrupted meta-training continues from its last checkpoint, a larger
+``--budget`` continues the same runs.
 
 Example::
 
@@ -18,13 +18,10 @@ import csv
 import sys
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))
-
-from meta_train.cli import add_data_dir_flag, apply_data_dir, key_value  # noqa: E402
-from meta_train.estimators import OBJECTIVES  # noqa: E402
-from meta_train.experiment import PAPER_OUTER_STEPS, PROTOCOLS  # noqa: E402
-from meta_train.tracking import WANDB_MODES  # noqa: E402
+from meta_train.cli import add_data_dir_flag, apply_data_dir, key_value
+from meta_train.estimators import OBJECTIVES
+from meta_train.experiments.experiment1 import PAPER_OUTER_STEPS, PROTOCOLS
+from meta_train.tracking import WANDB_MODES
 
 
 def parse_args(argv=None):
@@ -83,7 +80,7 @@ def main(argv=None) -> int:
     if args.device:  # jax is imported already (the protocols): set the config, not the env
         jax.config.update("jax_platforms", args.device.replace("gpu", "cuda"))
 
-    from meta_train.experiment import (
+    from meta_train.experiments.experiment1 import (
         evaluate_task,
         run_method,
         with_overrides,

@@ -2,7 +2,7 @@
 
 Three subcommands:
 
-  build    train a zoo of GRU models on integer addition (tasks/addition.py) and store their
+  build    train a zoo of GRU models on integer addition (tasks/zoo/addition.py) and store their
            final weights, test success rates and test losses (zoo.npz + config.json);
            resumes from finished chunks when interrupted.
   predict  train a predictor (STATNN, UNF or Deep Set) of the success rate from the weights on
@@ -15,7 +15,7 @@ Example (a tiny zoo, about a minute on a laptop CPU):
   python scripts/rnn_zoo.py build --out runs/zoo_tiny --preset tiny
   python scripts/rnn_zoo.py predict --zoo runs/zoo_tiny --method statnn --epochs 2 --seed 0
 
-The library code is :mod:`tasks.rnn_zoo`; this file is its command line.
+The library code is :mod:`tasks.zoo.rnn_zoo`; this file is its command line.
 """
 
 from __future__ import annotations
@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tasks import addition  # noqa: E402
-from tasks.rnn_zoo import (  # noqa: E402
+from tasks.zoo import addition
+from tasks.zoo.rnn_zoo import (
     METHODS,
     PRESETS,
     PredictConfig,

@@ -3,7 +3,7 @@
 ``export RUN DEST``: the newest checkpoint, config, snapshots and gzipped metrics of RUN (which
 may be running) into DEST, a folder small enough to commit (a few MB); ``--commit`` also commits
 DEST alone (other staged changes stay staged). ``import DEST RUN``: the exported copy as a run
-directory that ``scripts/meta_train.py --out RUN --resume`` continues bit-exactly.
+directory that ``python -m meta_train --out RUN --resume`` continues bit-exactly.
 
   python scripts/sync_run.py export runs/v2_unf results/direction/v2/unf/run --commit
   python scripts/sync_run.py import results/direction/v2/unf/run runs/v2_unf
@@ -14,10 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-# scripts/meta_train.py would shadow the package of that name: the repository root goes first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from meta_train.checkpoint import export_run, import_run  # noqa: E402
+from meta_train.checkpoint import export_run, import_run
 
 
 def main(argv=None) -> int:
@@ -33,7 +30,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "import":
         step = import_run(args.dest, args.run)
-        print(f"{args.run}: outer step {step}; continue with scripts/meta_train.py "
+        print(f"{args.run}: outer step {step}; continue with python -m meta_train "
               f"--out {args.run} --resume (the run's other options are stored)")
         return 0
     step = export_run(args.run, args.dest)

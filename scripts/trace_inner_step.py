@@ -13,13 +13,10 @@ import collections
 import gzip
 import json
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
+from meta_train.cli import add_data_dir_flag, apply_data_dir
 
 
 def main(argv=None) -> int:

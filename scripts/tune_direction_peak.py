@@ -9,13 +9,9 @@ loss over seeds 200-201 at T steps (``meta_train.evaluation.tune``). Writes --ou
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-# scripts/meta_train.py would shadow the package of that name: the repository root goes first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from meta_train.cli import add_data_dir_flag, apply_data_dir  # noqa: E402
+from meta_train.cli import add_data_dir_flag, apply_data_dir
 
 
 def main(argv=None) -> int:
@@ -30,7 +26,7 @@ def main(argv=None) -> int:
     apply_data_dir(args.data_dir)
     import tasks
     from meta_train import evaluation as ev
-    from meta_train.heldout import direction_candidates
+    from meta_train.experiments.heldout import direction_candidates
 
     tuned = direction_candidates({"x": args.optimizer}, ["x"], untrained=None)["x (lr tuned)"]
     out = {}

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from learned_opt.extras import import_optional
+
 ENV_VAR = "LOPT_DATA_DIR"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -96,9 +98,9 @@ def _network_reachable(host: str = "storage.googleapis.com", timeout: float = 3.
 def _tfds_source(name: str, split: str):
     """Random-access tfds source; fails within seconds (never a minutes-long retry loop)."""
     try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:  # pragma: no cover - tfds is a declared dependency
-        raise DataNotFoundError(f"tensorflow-datasets is not installed; cannot load {name}") from e
+        tfds = import_optional("tensorflow_datasets", "tasks")
+    except ImportError as e:
+        raise DataNotFoundError(f"cannot load {name} without {ENV_VAR} (offline files): {e}") from e
     how = (
         f"Either set {ENV_VAR} (or pass data_dir=) to a directory in the offline layout "
         f"(fashion_mnist/*.gz IDX files, {CIFAR10_FILE}, {TEXT_FILE}; see docs/tasks.md), or "

@@ -6,7 +6,7 @@ that the weight-space layer's map types of those architectures get meta-gradient
 member of the family is a registered task (``tasks.get_task``), named ``fam_*``; none has the
 size of a held-out evaluation architecture (the paper's four tasks at their defaults included).
 
-``FAMILY`` lists them; ``scripts/meta_train.py --task $(python -c ...)`` or
+``FAMILY`` lists them; ``python -m meta_train --task $(python -c ...)`` or
 :func:`family_task_list` gives the comma-separated list ``MetaTrainConfig.task`` takes.
 
 Example:

@@ -9,7 +9,7 @@ import pytest
 import learned_opt
 import tasks
 from learned_opt import label_sizes, permute
-from tasks import authors_specs
+from learned_opt.testing import authors_specs
 
 # The paper's meta-parameter counts of its UNF learned optimizer.
 PAPER = {"mlp": 3783, "cnn": 7369, "rnn": 8043, "transformer": 64168}

@@ -178,7 +178,7 @@ def test_evaluate_script_takes_every_task_of_a_multi_task_run(tmp_path):
 
 def test_heldout_candidates_are_cached_per_candidate_and_reused(tmp_path):
     import learned_opt
-    from meta_train import heldout
+    from meta_train.experiments import heldout
 
     params = tasks.get_task("mlp_fmnist_tiny").init(jax.random.key(0))
     lopt = learned_opt.learned_optimizer("direction_unf", params)

@@ -160,6 +160,35 @@ def test_interrupted_and_resumed_equals_uninterrupted(pes_setup, tmp_path, monke
     assert steps == list(range(6))
 
 
+def test_user_callbacks_see_every_step_state_and_the_end(pes_setup, tmp_path):
+    from meta_train import Callback
+
+    class Record(Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_step(self, t, row):
+            self.events.append(("step", t, round(row["meta_loss"], 6)))
+
+        def on_state(self, done, state):
+            self.events.append(("state", done))
+
+        def on_end(self, done, state, interrupted):
+            self.events.append(("end", done, interrupted))
+
+    cb = Record()
+    cfg = pes_setup.config.replace(outer_steps=3, out=str(tmp_path / "run"))
+    result = meta_train(cfg, progress=False, setup=pes_setup, callbacks=[cb])
+    assert [e[:2] for e in cb.events if e[0] == "step"] == [("step", 0), ("step", 1),
+                                                            ("step", 2)]
+    assert [e for e in cb.events if e[0] == "state"] == [("state", 1), ("state", 2),
+                                                         ("state", 3)]
+    assert cb.events[-1] == ("end", 3, False)
+    logged = [round(r["meta_loss"], 6) for r in read_metrics(tmp_path / "run")]
+    assert [e[2] for e in cb.events if e[0] == "step"] == logged
+    assert [r["step"] for r in result.history] == [0, 1, 2]
+
+
 def test_exported_run_resumes_elsewhere_bit_exactly(pes_setup, tmp_path):
     # What a run longer than one session commits (scripts/sync_run.py), laid out on a "fresh
     # machine" (another directory) and resumed, equals the uninterrupted run.
@@ -172,6 +201,10 @@ def test_exported_run_resumes_elsewhere_bit_exactly(pes_setup, tmp_path):
     assert export_run(tmp_path / "part", tmp_path / "exported") == 4
     assert len(list((tmp_path / "exported" / "checkpoints").glob("*.msgpack"))) == 1
     assert (tmp_path / "exported" / "snapshots" / "step_0000004").is_dir()
+    chunk = tmp_path / "exported" / "metrics" / "rows_00000000.jsonl.gz"
+    before = chunk.read_bytes()
+    export_run(tmp_path / "part", tmp_path / "exported")  # unchanged log: identical bytes
+    assert chunk.read_bytes() == before
     with pytest.raises(FileExistsError, match="already holds a run"):
         import_run(tmp_path / "exported", tmp_path / "part")
     assert import_run(tmp_path / "exported", tmp_path / "elsewhere") == 4
@@ -262,7 +295,7 @@ def test_cli_writes_run_dir_metrics_checkpoint_and_optimizer(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, LOPT_DATA_DIR=DATA, WANDB_SILENT="true")
     env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, str(ROOT / "scripts" / "meta_train.py"), "--task", "mlp_fmnist_tiny",
+    cmd = [sys.executable, "-m", "meta_train", "--task", "mlp_fmnist_tiny",
            "--optimizer", "sgdm", "--population", "4", "--truncation", "5", "--horizon", "10",
            "--outer-steps", "5", "--checkpoint-every", "2", "--wandb", "offline",
            "--out", str(out)]
@@ -464,7 +497,7 @@ def test_bad_min_horizon_is_refused(changes):
 
 
 def test_experiment_overrides_reach_every_method_config():
-    from meta_train import experiment
+    from meta_train.experiments import experiment1 as experiment
 
     base = experiment.PROTOCOLS["rnn_lm"]
     protocol = experiment.with_overrides(base, objective="final", min_horizon=2000,
@@ -481,7 +514,7 @@ def test_experiment_overrides_reach_every_method_config():
 
 
 def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
-    from meta_train import experiment
+    from meta_train.experiments import experiment1 as experiment
 
     protocol = experiment.PROTOCOLS["mlp_fmnist"]._replace(
         task="mlp_fmnist_tiny", horizon=20, min_horizon=10, truncation=5, population=4,
@@ -521,7 +554,7 @@ def test_experiment_pipeline_writes_results_and_resumes(tmp_path):
 
 
 def test_experiment_reports_the_snapshot_best_on_the_tuning_seeds(tmp_path):
-    from meta_train import experiment
+    from meta_train.experiments import experiment1 as experiment
 
     protocol = experiment.PROTOCOLS["mlp_fmnist"]._replace(
         task="mlp_fmnist_tiny", horizon=20, min_horizon=10, truncation=5, population=4,

@@ -40,7 +40,7 @@ def _start(devices: int, *flags):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", LOPT_DATA_DIR=DATA, WANDB_SILENT="true")
     env.pop("JAX_COORDINATOR_ADDRESS", None)
-    cmd = [sys.executable, str(ROOT / "scripts" / "meta_train.py"), *FLAGS, *flags]
+    cmd = [sys.executable, "-m", "meta_train", *FLAGS, *flags]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

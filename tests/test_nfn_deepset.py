@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import unf_reference as ref
 from test_unf import _check_equivariant, _jitted, _random_like
 
 import learned_opt as lo
 from learned_opt.nfn import nfn_spec
+from learned_opt.testing import unf_reference as ref
 
 # ---------------------------------------------------------------------------------------------
 # DeepSetLinear

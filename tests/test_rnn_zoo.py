@@ -14,7 +14,7 @@ import pytest
 
 from learned_opt import PermSpecError, check_perm_spec, label_sizes, permute, random_permutations
 from learned_opt.statnn import statnn_features
-from tasks import addition, rnn_zoo
+from tasks.zoo import addition, rnn_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -147,3 +147,28 @@ def test_meta_train_killed_and_resumed_has_every_row_once_in_metrics_and_wandb(t
     assert resumed.steps_done == 20
     assert [r["step"] for r in read_metrics(out)] == list(range(20))
     assert sorted(_wandb_steps(out)) == list(range(20))  # each step exactly once
+
+
+def test_without_the_wandb_extra_metrics_go_to_the_jsonl_only(tmp_path, monkeypatch):
+    # pip install learned-opt (no [wandb]): the default offline mode must not crash a run.
+    from meta_train import tracking
+
+    monkeypatch.setattr(tracking, "is_installed", lambda name: name != "wandb")
+    with pytest.warns(UserWarning, match=r"learned-opt\[wandb\]"):
+        assert tracking.usable_wandb_mode("offline") == "disabled"
+    assert tracking.usable_wandb_mode("disabled") == "disabled"
+    with pytest.warns(UserWarning, match="not installed"):
+        logger = MetricsLogger(tmp_path, {"seed": 0}, mode="offline")
+    logger.log(0, {"meta_loss": 1.5})
+    logger.close()
+    assert logger.run is None and not (tmp_path / "wandb").exists()
+    assert read_metrics(tmp_path) == [{"step": 0, "meta_loss": 1.5}]
+
+
+def test_missing_extras_are_named():
+    from learned_opt.extras import import_optional
+
+    with pytest.raises(ImportError, match=r"pip install 'learned-opt\[tasks\]'"):
+        import_optional("tensorflow_datasets_not_here", "tasks")
+    with pytest.raises(ValueError, match="extra must be one of"):
+        import_optional("json", "gpu")

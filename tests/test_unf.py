@@ -9,10 +9,10 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import unf_reference as ref
 
 import learned_opt as lo
 from learned_opt.spec import flatten_with_spec, spec_leaves
+from learned_opt.testing import unf_reference as ref
 from learned_opt.unf import basis_coefficients, bell
 
 

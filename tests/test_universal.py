@@ -299,7 +299,7 @@ def test_heldout_architectures_have_true_specs():
     """The architectures the shipped optimizers are evaluated on: their specs are symmetries,
     and none of them is a meta-training task's weight space."""
     import tasks
-    from meta_train.heldout import get_heldout, list_heldout
+    from meta_train.experiments.heldout import get_heldout, list_heldout
 
     trained = set()
     for name in ("mlp_fmnist", "cnn_cifar10", "rnn_lm", "transformer_lm"):

@@ -1,5 +1,5 @@
 """The Tiny RNN Zoo (the paper's section 5.2): a zoo of seq2seq GRUs trained on integer addition
-(:mod:`tasks.addition`) and predictors of their test success rate from their weights.
+(:mod:`tasks.zoo.addition`) and predictors of their test success rate from their weights.
 
 * Zoo: :class:`ZooConfig` (and :data:`PRESETS`) fix everything; :func:`build` trains the zoo in
   chunks of models of one batch size (resuming from finished chunks; several processes can share
@@ -13,7 +13,7 @@ The command line is ``scripts/rnn_zoo.py`` (``build``, ``predict``, ``cost``); t
 in docs/rnn_zoo.md.
 
 Example:
-  >>> from tasks import rnn_zoo
+  >>> from tasks.zoo import rnn_zoo
   >>> rnn_zoo.PRESETS["tiny"].num_models
   12
   >>> rnn_zoo.evaluate_predictions([0.1, 0.5, 0.9], [0.2, 0.4, 0.8])["kendall_tau"]
@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import scipy.stats
 
 from learned_opt import DeepSetLinear, InvariantUNF, UNFLinear, statnn_features
-from tasks import addition
+from learned_opt.extras import import_optional, pyplot
+from tasks.zoo import addition
 
 PyTree = Any
 
@@ -268,10 +268,7 @@ def load_zoo(path: Path) -> tuple[ZooConfig, dict[str, np.ndarray], PyTree]:
 
 def save_histogram(success: np.ndarray, path: Path, title: str) -> np.ndarray:
     """PNG histogram of success rates; returns the counts in 10 bins of [0, 1]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counts, edges = np.histogram(success, bins=10, range=(0.0, 1.0))
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -384,7 +381,7 @@ def evaluate_predictions(pred: np.ndarray, true: np.ndarray) -> dict[str, float]
     if pred.shape != true.shape or pred.ndim != 1:
         raise ValueError(f"pred and true must be 1-D of the same length, got {pred.shape} and "
                          f"{true.shape}")
-    tau = scipy.stats.kendalltau(pred, true).statistic
+    tau = import_optional("scipy.stats", "tasks").kendalltau(pred, true).statistic
     ss_res = np.sum((true - pred) ** 2)
     ss_tot = np.sum((true - true.mean()) ** 2)
     return {"kendall_tau": float(tau), "r2": float(1.0 - ss_res / ss_tot)}
@@ -452,10 +449,7 @@ def train_predictor(pcfg: PredictConfig, params: PyTree, labels: np.ndarray, spl
 
 
 def save_scatter(pred: np.ndarray, true: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(true, pred, s=8, alpha=0.6)

@@ -86,7 +86,7 @@ def for_task(task) -> dict:
     raise ValueError(
         f"task {task.name!r}: the authors' spec has no counterpart for its weight space (their "
         "Transformer has 2-D attention kernels, this one per-head 3-D ones); "
-        "tasks.authors_specs.weight_space('transformer') gives theirs")
+        "learned_opt.testing.authors_specs.weight_space('transformer') gives theirs")
 
 
 def _shapes(spec: dict, sizes: dict) -> dict:
