@@ -26,6 +26,7 @@ Example:
   >>> import jax, jax.numpy as jnp, optax
   >>> params = {"d0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
   ...           "d1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  >>> from learned_opt.direction_optimizer import learned_direction_optimizer
   >>> lopt = learned_direction_optimizer("direction_unf", params)
   >>> meta = lopt.init(jax.random.key(0))
   >>> tx = optax.chain(scale_by_learned_direction(meta, lopt.config, "unf"),
@@ -50,9 +51,9 @@ import numpy as np
 import optax
 
 from learned_opt.config import check_num_steps
-from learned_opt.spec import PermSpecError, is_spec_leaf, label_sizes, path_str
+from learned_opt.spec import PermSpecError, is_spec_leaf, label_sizes
 from learned_opt.universal import UniversalDeepSetLinear, UniversalUNFLinear
-from learned_opt.weight_space import WeightSpace, check_arrays, check_not_masked, relax_fixed_axes
+from learned_opt.weight_space import check_arrays, check_not_masked, relax_fixed_axes
 
 PyTree = Any
 
@@ -150,7 +151,7 @@ def default_schedule(learning_rate: float, num_steps: int | None,
     return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(num_steps, 1))
 
 
-def _schedule_value(cfg: DirectionConfig, step: jax.Array, num_steps) -> jax.Array:
+def schedule_value(cfg: DirectionConfig, step: jax.Array, num_steps) -> jax.Array:
     """:func:`default_schedule` at ``step`` for a traced ``num_steps`` (meta-training)."""
     if num_steps is None:
         return default_schedule(cfg.learning_rate, None)(step)
@@ -302,7 +303,7 @@ def init_direction_state(params: PyTree) -> DirectionState:
                           *(treedef.unflatten(list(s)) for s in zip(*leaves, strict=True)))
 
 
-def _net_spec_for(layer: str, params: PyTree, perm_spec: PyTree) -> PyTree:
+def net_spec_for(layer: str, params: PyTree, perm_spec: PyTree) -> PyTree:
     """The relaxed spec the readout layer needs (``None`` for ``layer="none"``)."""
     if LAYERS[layer] is None:
         return None
@@ -338,7 +339,7 @@ def scale_by_learned_direction(meta_params: PyTree, config: DirectionConfig | No
         flat, treedef = jax.tree.flatten(params)
         key = (treedef, tuple(np.shape(x) for x in flat))
         if key not in specs:
-            specs[key] = _net_spec_for(config.layer, params, perm_spec)
+            specs[key] = net_spec_for(config.layer, params, perm_spec)
         return specs[key]
 
     def init_fn(params):
@@ -375,111 +376,3 @@ def learned_direction(meta_params: PyTree, config: DirectionConfig | None = None
     return optax.chain(scale_by_learned_direction(meta_params, config, perm_spec=perm_spec),
                        optax.add_decayed_weights(wd),
                        optax.scale_by_learning_rate(learning_rate))
-
-
-# ----------------------------------------------------------------------------- inner-loop form
-@dataclasses.dataclass(frozen=True, eq=False)
-class DirectionOptimizer:
-    """A learned-direction rule behind the inner-loop interface of ``LearnedOptimizer``
-    (``init``, ``init_state``, ``update``; pure, jittable, vmappable over meta-parameters),
-    which meta-training and checkpoints use. Built for one weight-space structure by
-    :func:`learned_direction_optimizer`; its meta-parameters fit every weight space.
-
-    ``update`` applies the whole default optimizer: ``-schedule(step) * (direction + wd p)``
-    with :func:`default_schedule` over ``num_steps`` (the episode's length in meta-training).
-    """
-
-    name: str
-    config: DirectionConfig
-    perm_spec: PyTree
-    net_spec: PyTree
-    weight_space: WeightSpace
-
-    agnostic = True
-
-    def init(self, key: jax.Array) -> dict[str, Any]:
-        """Initial meta-parameters ``{"net": ...}``: Adam's direction (skip), readout zero."""
-        return self._init_jit(key)
-
-    @functools.cached_property
-    def _init_jit(self):
-        c = self.config
-
-        def init(key):
-            xs = [jnp.zeros(shape + (len(FEATURES),), jnp.float32)
-                  for shape in self.weight_space.shapes]
-            net = DirectionNetwork(c.layer, c.hidden_features, c.num_hidden)
-            params = net.init(key, xs, self.net_spec)["params"]
-            params["readout"] = jax.tree.map(jnp.zeros_like, params["readout"])
-            return {"net": params}
-
-        return jax.jit(init)
-
-    def nominal(self, meta_params) -> dict[str, jax.Array]:
-        """Scalars to log: the skip weight on Adam's direction."""
-        skip = meta_params["net"]["skip"]
-        return {"skip_adam": skip[FEATURES.index(SKIP_INIT_FEATURE)],
-                "skip_norm": jnp.sqrt(jnp.sum(jnp.square(skip)))}
-
-    def init_state(self, meta_params, params: PyTree) -> DirectionState:
-        del meta_params
-        self.check_params(params)
-        return init_direction_state(params)
-
-    def check_params(self, params: PyTree, what: str = "params") -> None:
-        """``PermSpecError`` naming the first leaf whose path or rank differs from the build's
-        (:func:`scale_by_learned_direction` takes any weight space)."""
-        flat = jax.tree_util.tree_flatten_with_path(params)[0]
-        self.weight_space.check_structure([(path_str(p), x) for p, x in flat], what)
-        check_arrays(params, what)
-
-    def update(self, meta_params, state: DirectionState, grads: PyTree, params: PyTree,
-               num_steps=None) -> tuple[PyTree, DirectionState]:
-        direction, new = direction_update(meta_params, self.config, state, grads, params,
-                                          self.net_spec)
-        lr = _schedule_value(self.config, state.step, num_steps)
-        wd = self.config.weight_decay
-        updates = jax.tree.map(
-            lambda d, p: (-lr * (d.astype(jnp.float32) + wd * p.astype(jnp.float32))
-                          ).astype(jnp.result_type(p)), direction, params)
-        return updates, new
-
-    def as_optax(self, meta_params, num_steps: int | None = None, perm_spec: PyTree = None,
-                 learning_rate=None, weight_decay: float | None = None):
-        """The default optimizer (:func:`learned_direction`) for any weight space."""
-        return learned_direction(meta_params, self.config, num_steps, learning_rate,
-                                 weight_decay, perm_spec)
-
-    def num_meta_params(self, meta_params=None) -> int:
-        if meta_params is None:
-            meta_params = jax.eval_shape(self.init, jax.random.key(0))
-        return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(meta_params))
-
-
-def learned_direction_optimizer(name: str, params: PyTree, perm_spec: PyTree = None,
-                                **config: Any) -> DirectionOptimizer:
-    """Build the learned-direction method ``name`` (a key of ``METHODS``) for weight spaces
-    structured like ``params``; ``**config``: :class:`DirectionConfig` fields (``layer`` is set
-    by the name)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown learned-direction method {name!r}; choose one of "
-                         f"{sorted(METHODS)}")
-    fields = {f.name for f in dataclasses.fields(DirectionConfig)}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {name!r}; valid: {sorted(fields)}")
-    if config.get("layer", METHODS[name]) != METHODS[name]:
-        raise ValueError(f"{name!r} has layer {METHODS[name]!r}, got layer={config['layer']!r}")
-    cfg = DirectionConfig(**(config | {"layer": METHODS[name]}))
-    check_arrays(params)
-    net_spec = _net_spec_for(cfg.layer, params, perm_spec)
-    if perm_spec is None:
-        perm_spec = (jax.tree.map(lambda p: (None,) * np.ndim(p), params) if net_spec is None
-                     else _inferred(params))
-    return DirectionOptimizer(name, cfg, perm_spec, net_spec, WeightSpace.of(params, perm_spec))
-
-
-def _inferred(params: PyTree) -> PyTree:
-    from learned_opt.infer import infer_perm_spec
-
-    return infer_perm_spec(params)

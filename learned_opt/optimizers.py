@@ -51,7 +51,7 @@ import numpy as np
 from learned_opt.adapters import agnostic_optax
 from learned_opt.config import LearnedOptimizerConfig
 from learned_opt.direction import METHODS as DIRECTION_METHODS
-from learned_opt.direction import learned_direction_optimizer
+from learned_opt.direction_optimizer import learned_direction_optimizer
 from learned_opt.network import (
     METHODS,
     UpdateNetwork,

@@ -15,7 +15,8 @@ from meta_train.callbacks import Callback
 from meta_train.config import ConfigError, MetaTrainConfig
 from meta_train.estimators import ESTIMATORS, PES, EstimatorState, FullES, outer_optimizer
 from meta_train.inner import InnerProblem, InnerState, UnrollOutput
-from meta_train.train import MetaTrainResult, build, load_run_config, meta_train, step_key
+from meta_train.runs import load_run_config
+from meta_train.train import MetaTrainResult, build, meta_train, step_key
 
 __all__ = [
     "ESTIMATORS", "PES", "Callback", "ConfigError", "EstimatorState", "FullES", "InnerProblem",

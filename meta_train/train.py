@@ -24,12 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
-import signal
-import socket
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +38,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import learned_opt
 import tasks
 from learned_opt import direction
-from meta_train import checkpoint
+from learned_opt.direction_optimizer import learned_direction_optimizer
+from meta_train import checkpoint, runs
 from meta_train.callbacks import Callback, MetricsRecorder, ProgressBar, Snapshots
 from meta_train.config import ConfigError, MetaTrainConfig
 from meta_train.estimators import ESTIMATORS, EstimatorState, outer_optimizer
@@ -107,8 +103,8 @@ def build_optimizer(config: MetaTrainConfig, task, name: str | None = None):
     params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
     try:
         if config.optimizer in direction.METHODS:  # scale-free: no per-task defaults
-            return direction.learned_direction_optimizer(config.optimizer, params,
-                                                         task.perm_spec, **config.optimizer_args)
+            return learned_direction_optimizer(config.optimizer, params,
+                                               task.perm_spec, **config.optimizer_args)
         # The task's defaults (e.g. a smaller initial step where 0.1 diverges), then the user's.
         # With several tasks only the user's: one optimizer must start the same on all.
         defaults = tasks.optimizer_defaults(name) if len(config.task_names) == 1 else {}
@@ -291,59 +287,6 @@ def run_steps(setup: Setup, state: EstimatorState, start: int, stop: int) -> Est
     return state
 
 
-def _resume_step(config: MetaTrainConfig) -> int | None:
-    """Check ``--out``/``--resume``; returns the step to resume from (None: a new run)."""
-    run_dir = Path(config.out)
-    meta = checkpoint.latest(run_dir)
-    if not config.resume:
-        if meta is not None:
-            raise ConfigError(
-                f"{run_dir} already holds a run (checkpoint at step {meta['step']}); pass "
-                "--resume to continue it or choose another --out"
-            )
-        return None
-    if meta is None:
-        print(f"--resume: {run_dir} holds no run (no checkpoints/latest.json): starting a new "
-              "run there with the options given")
-        return None
-    return int(meta["step"])
-
-
-def _check_same_run(built: MetaTrainConfig, config: MetaTrainConfig) -> None:
-    for name in MetaTrainConfig.RUN_FIELDS + ("shard", "member_loop"):
-        a, b = getattr(built, name), getattr(config, name)
-        if a != b and not (name == "loss_cap" and b == 0):
-            raise ConfigError(f"setup was built with {name}={a!r}, the config has {b!r}")
-
-
-def _resolve_resume(config: MetaTrainConfig, given: set[str] | None) -> MetaTrainConfig:
-    """Merge a resumed run's stored config with the flags given now (``given`` = their names).
-
-    Flags that define the trajectory must match the stored ones; the others (outer_steps,
-    checkpoint_every, wandb, ...) may change, and keep their stored values when not given.
-    """
-    stored = MetaTrainConfig.from_json((Path(config.out) / "config.json").read_text())
-    in_checkpoint = MetaTrainConfig.from_json(json.dumps(checkpoint.latest(config.out)["config"]))
-    for name in MetaTrainConfig.RUN_FIELDS:  # a config.json edited or copied from another run
-        if getattr(in_checkpoint, name) != getattr(stored, name):
-            raise ConfigError(
-                f"--resume: {name}={getattr(stored, name)!r} in {Path(config.out) / 'config.json'}"
-                f" differs from the checkpoint's {getattr(in_checkpoint, name)!r} "
-                f"({Path(config.out) / 'checkpoints' / 'latest.json'})")
-    for name in MetaTrainConfig.RUN_FIELDS:
-        if name in (given or ()) and getattr(config, name) != getattr(stored, name):
-            raise ConfigError(
-                f"--resume: {name}={getattr(config, name)!r} differs from the run's "
-                f"{getattr(stored, name)!r} in {Path(config.out) / 'config.json'}"
-            )
-    # The other options keep their stored values unless given again (given=None: the API
-    # caller's config is taken as given in full).
-    free = {f.name: getattr(config, f.name) for f in dataclasses.fields(MetaTrainConfig)
-            if f.name not in MetaTrainConfig.RUN_FIELDS
-            and (given is None or f.name in given or f.name in ("out", "resume"))}
-    return stored.replace(**free)
-
-
 def meta_train(config: MetaTrainConfig, progress: bool = True,
                given: set[str] | None = None, setup: Setup | None = None,
                callbacks: Sequence[Callback] = ()) -> MetaTrainResult:
@@ -369,76 +312,18 @@ def meta_train(config: MetaTrainConfig, progress: bool = True,
     """
     run_dir = Path(config.out)
     lock = contextlib.nullcontext()
-    if _writes():
+    if runs.writes_here():
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = _exclusive(run_dir)
-    with lock, _sigterm_as_interrupt():
+        lock = runs.exclusive(run_dir)
+    with lock, runs.sigterm_as_interrupt():
         return _meta_train(config, progress, given, setup, callbacks)
-
-
-def _writes() -> bool:
-    """Whether this process writes the run directory and logs: process 0 of several."""
-    return jax.process_index() == 0
-
-
-class _NoLogger:
-    """The metrics logger of the processes that do not write."""
-
-    mode = "disabled"
-
-    def log(self, step, metrics):
-        pass
-
-    def close(self):
-        pass
-
-
-@contextlib.contextmanager
-def _exclusive(run_dir: Path):
-    """Hold an exclusive lock on ``run_dir`` (released by the OS if the process dies)."""
-    import fcntl
-
-    path = run_dir / "lock"
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise ConfigError(f"{run_dir} is in use by another meta-training run ({holder}); wait "
-                          "for it to end or choose another --out") from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    try:
-        yield
-    finally:
-        handle.close()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (what schedulers send) stops the run like Ctrl-C: checkpoint, then exit."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _meta_train(config, progress, given, setup, callbacks) -> MetaTrainResult:
     run_dir = Path(config.out)
-    resume_step = _resume_step(config)
+    resume_step = runs.resume_step(config)
     if resume_step is not None:
-        config = _resolve_resume(config, given)
+        config = runs.resolve_resume(config, given)
         if resume_step > config.outer_steps:
             raise ConfigError(f"--resume: the run in {run_dir} is at outer step {resume_step}, "
                               f"past --outer-steps {config.outer_steps}: nothing to do (give a "
@@ -447,9 +332,9 @@ def _meta_train(config, progress, given, setup, callbacks) -> MetaTrainResult:
     if setup is None:
         setup = build(config)
     else:
-        _check_same_run(setup.config, config)
+        runs.check_same_run(setup.config, config)
     config = config.replace(loss_cap=setup.config.loss_cap)
-    writes = _writes()
+    writes = runs.writes_here()
     progress = progress and writes
     if writes:
         (run_dir / "config.json").write_text(config.to_json())
@@ -470,7 +355,7 @@ def _meta_train(config, progress, given, setup, callbacks) -> MetaTrainResult:
     # ``start``, not ``resume_step``: restore may have fallen back to an older checkpoint.
     logger = MetricsLogger(run_dir, dataclasses.asdict(config), config.wandb,
                            start if resume_step is not None else None,
-                           config.wandb_project) if writes else _NoLogger()
+                           config.wandb_project) if writes else runs.NoLogger()
     bar = ProgressBar(config.outer_steps, start) if progress else None
     say = bar.say if bar is not None else print
     recorder = MetricsRecorder(logger, per_step, say, hint_offline=progress)
@@ -542,8 +427,3 @@ def _meta_train(config, progress, given, setup, callbacks) -> MetaTrainResult:
     if writes:
         learned_opt.save(run_dir / "optimizer", setup.lopt, meta_params)
     return MetaTrainResult(setup.lopt, meta_params, recorder.history, run_dir, done)
-
-
-def load_run_config(run_dir) -> MetaTrainConfig:
-    """The config of a run directory."""
-    return MetaTrainConfig.from_json((Path(run_dir) / "config.json").read_text())

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     import tasks
     from meta_train import evaluation as ev
     from meta_train.cli import key_value
-    from meta_train.train import load_run_config
+    from meta_train.runs import load_run_config
 
     run_config = load_run_config(args.run) if args.run else None
     task_name = args.task or (run_config.task if run_config else None)

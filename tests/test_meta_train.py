@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import learned_opt
-from meta_train import ConfigError, MetaTrainConfig, meta_train
+from meta_train import ConfigError, MetaTrainConfig, meta_train, runs
 from meta_train import train as mt
 from meta_train.cli import main as cli_main
 from meta_train.inner import resolve_member_loop
@@ -687,23 +687,23 @@ def test_resume_keeps_the_stored_options_the_command_line_does_not_repeat(pes_se
     meta_train(cfg, progress=False, setup=pes_setup)
     # Only --out, --resume and --outer-steps given: the rest comes from the run.
     resumed, given = parse_args(["--out", str(out), "--resume", "--outer-steps", "3"])
-    merged = mt._resolve_resume(resumed, given)
+    merged = runs.resolve_resume(resumed, given)
     assert (merged.snapshot_every, merged.checkpoint_every, merged.wandb) == (1, 1, "disabled")
     assert merged.outer_steps == 3 and merged.task == cfg.task
     # A given option wins.
     resumed, given = parse_args(["--out", str(out), "--resume", "--checkpoint-every", "7"])
-    assert mt._resolve_resume(resumed, given).checkpoint_every == 7
+    assert runs.resolve_resume(resumed, given).checkpoint_every == 7
     # Resuming below the checkpoint's step is refused (it used to log meta_loss nan).
     with pytest.raises(ConfigError, match="at outer step 2, past --outer-steps 1"):
         meta_train(cfg.replace(resume=True, outer_steps=1), progress=False)
 
 
 def test_a_run_directory_in_use_is_refused(pes_setup, tmp_path):
-    with mt._exclusive(tmp_path):
+    with runs.exclusive(tmp_path):
         with pytest.raises(ConfigError, match=f"{tmp_path} is in use.*pid {os.getpid()}"):
             meta_train(pes_setup.config.replace(out=str(tmp_path)), progress=False,
                        setup=pes_setup)
-    with mt._exclusive(tmp_path):  # released: usable again
+    with runs.exclusive(tmp_path):  # released: usable again
         pass
 
 
