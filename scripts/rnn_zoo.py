@@ -29,18 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.zoo import addition
-from tasks.zoo.rnn_zoo import (
-    METHODS,
-    PRESETS,
-    PredictConfig,
-    ZooConfig,
-    build,
-    load_zoo,
-    measure_cost,
-    save_histogram,
-    save_scatter,
-    train_predictor,
-)
+from tasks.zoo.predictors import METHODS, PredictConfig, save_scatter, train_predictor
+from tasks.zoo.rnn_zoo import PRESETS, ZooConfig, build, load_zoo, measure_cost, save_histogram
 
 
 def main_predict(args) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from learned_opt import PermSpecError, check_perm_spec, label_sizes, permute, random_permutations
 from learned_opt.statnn import statnn_features
-from tasks.zoo import addition, rnn_zoo
+from tasks.zoo import addition, predictors, rnn_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,11 +88,11 @@ def test_statnn_features_match_numpy_and_are_permutation_invariant():
 
 def test_kendall_tau_of_exact_and_reversed_predictions():
     true = np.random.default_rng(0).uniform(size=50)
-    exact = rnn_zoo.evaluate_predictions(true, true)
+    exact = predictors.evaluate_predictions(true, true)
     assert exact["kendall_tau"] == pytest.approx(1.0) and exact["r2"] == pytest.approx(1.0)
-    assert rnn_zoo.evaluate_predictions(1.0 - true, true)["kendall_tau"] == pytest.approx(-1.0)
+    assert predictors.evaluate_predictions(1.0 - true, true)["kendall_tau"] == pytest.approx(-1.0)
     # Any increasing transformation keeps the ranking (tau) but not R^2.
-    squashed = rnn_zoo.evaluate_predictions(true**3, true)
+    squashed = predictors.evaluate_predictions(true**3, true)
     assert squashed["kendall_tau"] == pytest.approx(1.0) and squashed["r2"] < 0.95
 
 
@@ -100,12 +100,12 @@ def test_kendall_tau_of_exact_and_reversed_predictions():
 def test_weight_space_predictor_is_invariant_to_hidden_unit_permutations(method):
     _, params, _ = _gru_and_inputs(hidden=4)
     spec = addition.perm_spec(params)
-    pcfg = rnn_zoo.PredictConfig(method=method, channels=3, layers=1, head_width=8)
+    pcfg = predictors.PredictConfig(method=method, channels=3, layers=1, head_width=8)
     zoo = jax.tree.map(lambda x: jnp.stack([x, x + 0.3 * jnp.sin(jnp.arange(x.size))
                                             .reshape(x.shape)]), params)
-    inputs = rnn_zoo.make_inputs(pcfg, zoo, np.arange(2))
-    model, apply_fn = rnn_zoo.make_predictor(pcfg, spec)
-    variables = rnn_zoo.init_predictor(pcfg, model, inputs, spec, jax.random.key(0))
+    inputs = predictors.make_inputs(pcfg, zoo, np.arange(2))
+    model, apply_fn = predictors.make_predictor(pcfg, spec)
+    variables = predictors.init_predictor(pcfg, model, inputs, spec, jax.random.key(0))
     perms = random_permutations(jax.random.key(5), label_sizes(params, spec))
     permuted = jax.vmap(lambda p: permute(p, spec, perms))(jax.tree.map(lambda x: x[..., 0],
                                                                         inputs))
@@ -158,8 +158,8 @@ def test_predictor_keeps_an_epoch_when_validation_tau_is_undefined(tiny_zoo):
     _, _, params = rnn_zoo.load_zoo(out)
     labels = np.array(zoo["success"], np.float32)
     labels[zoo["split"] == 1] = 0.5
-    pcfg = rnn_zoo.PredictConfig(method="statnn", epochs=2, batch_size=4)
-    res = rnn_zoo.train_predictor(pcfg, params, labels, zoo["split"],
+    pcfg = predictors.PredictConfig(method="statnn", epochs=2, batch_size=4)
+    res = predictors.train_predictor(pcfg, params, labels, zoo["split"],
                                   addition.perm_spec(params), log=lambda s: None)
     assert res["best_epoch"] == 1 and np.isnan(res["val_kendall_tau"])
     assert res["test_pred"].shape == (2,)
