@@ -263,7 +263,8 @@ def resolve(name_or_dir: str | os.PathLike) -> str:
     return text  # load reports the missing directory
 
 
-def load_optax(name_or_dir: str | os.PathLike, perm_spec=None, num_steps: int | None = None
+def load_optax(name_or_dir: str | os.PathLike, perm_spec=None, num_steps: int | None = None,
+               learning_rate: float | optax.Schedule | None = None
                ) -> optax.GradientTransformationExtraArgs:
     """A checkpoint, or a shipped optimizer by name, as an optax optimizer.
 
@@ -280,6 +281,10 @@ def load_optax(name_or_dir: str | os.PathLike, perm_spec=None, num_steps: int | 
     ``num_steps`` (the run's total number of steps) is required by optimizers meta-trained with
     training progress (``progress_centres``) and ignored by the others.
 
+    ``learning_rate`` (learned-direction optimizers only, whose step size is outside the
+    network): a number replaces the peak of the default warm-up + cosine schedule, a schedule
+    replaces the schedule; ``None`` keeps the optimizer's default.
+
     Example:
       >>> import jax, jax.numpy as jnp, learned_opt
       >>> tx = learned_opt.load_optax(learned_opt.list_pretrained()[0], num_steps=100)
@@ -288,16 +293,23 @@ def load_optax(name_or_dir: str | os.PathLike, perm_spec=None, num_steps: int | 
       >>> state = tx.init(params)
       >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     """
-    return optax_for(*load(resolve(name_or_dir)), num_steps=num_steps, perm_spec=perm_spec)
+    return optax_for(*load(resolve(name_or_dir)), num_steps=num_steps, perm_spec=perm_spec,
+                     learning_rate=learning_rate)
 
 
-def optax_for(lopt, meta_params, num_steps: int | None = None, perm_spec=None
+def optax_for(lopt, meta_params, num_steps: int | None = None, perm_spec=None,
+              learning_rate: float | optax.Schedule | None = None
               ) -> optax.GradientTransformationExtraArgs:
     """``lopt`` with ``meta_params`` as the optax optimizer :func:`load_optax` gives: the default
     chain of a learned-direction rule, the any-weight-space adapter of the other agnostic
     methods, the weight-space-bound adapter otherwise (``perm_spec``: of the parameters)."""
     if lopt.name in DIRECTION_METHODS:  # the default chain: direction, decay, schedule
-        return lopt.as_optax(meta_params, num_steps=num_steps, perm_spec=perm_spec)
+        return lopt.as_optax(meta_params, num_steps=num_steps, perm_spec=perm_spec,
+                             learning_rate=learning_rate)
+    if learning_rate is not None:
+        raise ValueError(f"learning_rate: {lopt.name!r} learns its own step size; only the "
+                         f"learned-direction optimizers ({', '.join(DIRECTION_METHODS)}) take "
+                         "an external one")
     if lopt.agnostic:
         return agnostic_optax(lopt.name, meta_params, perm_spec, num_steps,
                               **dataclasses.asdict(lopt.config))

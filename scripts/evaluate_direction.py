@@ -125,11 +125,11 @@ def main(argv=None) -> int:
              for k, c in cands.items()}
     evaluate_candidates(cands, args.architectures, args.horizons, args.out, args.seeds,
                         args.tune_seeds)
-    # The table: every finished candidate of these architectures and horizons, this call's and
-    # earlier calls' (several processes may share --out, each with its own candidates).
-    rows = [json.loads(p.read_text())["row"] for name in args.architectures
-            for steps in args.horizons
-            for p in sorted((Path(args.out) / name / f"T={steps}").glob("*.json"))]
+    # The table: every finished result under --out, this call's and earlier calls' (several
+    # processes may share --out, each with its own candidates, architectures and horizons).
+    files = sorted(Path(args.out).glob("*/T=*/*.json"),
+                   key=lambda p: (p.parent.parent.name, int(p.parent.name[2:]), p.name))
+    rows = [json.loads(p.read_text())["row"] for p in files]
     text = table(rows)
     wide = wide_table(rows)
     print(f"{text}\n\n{wide}")

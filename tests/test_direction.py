@@ -283,3 +283,30 @@ def test_masked_parts_of_a_weight_space_are_refused_clearly():
     updates, _ = tx.update(params, tx.init(params), params)
     assert float(jnp.abs(updates["Dense_0"]["bias"]).max()) > 0  # masked: passed through
     np.testing.assert_array_equal(updates["Dense_0"]["bias"], params["Dense_0"]["bias"])
+
+
+def test_load_optax_takes_the_peak_learning_rate_of_a_direction_rule():
+    # The default chain with the peak replaced (a number) equals as_optax with that peak; the
+    # step of an update is peak x schedule shape x unit-RMS direction.
+    lopt, meta = learned_opt.load("direction_unf_family")
+    params = {"d0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)},
+              "d1": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 2.0, p.size).reshape(p.shape), params)
+
+    def first_updates(tx, steps=3):
+        state = tx.init(params)
+        for _ in range(steps):
+            updates, state = tx.update(grads, state, params)
+        return updates
+
+    low = first_updates(learned_opt.load_optax("direction_unf_family", num_steps=100,
+                                               learning_rate=1e-3))
+    ref = first_updates(lopt.as_optax(meta, 100, learning_rate=1e-3))
+    default = first_updates(learned_opt.load_optax("direction_unf_family", num_steps=100))
+    assert_trees_close(low, ref, rtol=1e-6, atol=0)
+    ratio = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a)) / jnp.max(jnp.abs(b))),
+                         default, low)
+    np.testing.assert_allclose(jax.tree.leaves(ratio), lopt.config.learning_rate / 1e-3,
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="learns its own step size"):
+        learned_opt.load_optax("unf_universal_4tasks", learning_rate=1e-3)
