@@ -86,6 +86,26 @@ def learned_candidates(args, run_config, num_steps):
     return out
 
 
+def checked_choices(args, run_config) -> tuple[str, int, list[str]]:
+    """Task name(s), horizon and baselines from the flags and the run, or a clear exit."""
+    from meta_train import evaluation as ev
+
+    task_name = args.task or (run_config.task if run_config else None)
+    if task_name is None:
+        raise SystemExit("evaluate.py: error: give --task (or --run)")
+    steps = args.steps or (run_config.horizon if run_config else None)
+    if steps is None:
+        raise SystemExit("evaluate.py: error: give --steps (or --run)")
+    if args.num_steps is not None and args.num_steps < 1:
+        raise SystemExit(f"evaluate.py: error: --num-steps must be >= 1, got {args.num_steps}")
+    baselines = [b for b in args.baselines.split(",") if b]
+    unknown = sorted(set(baselines) - set(ev.BASELINES))
+    if unknown:
+        raise SystemExit(f"evaluate.py: error: unknown baseline(s) {unknown}; choose from "
+                         f"{list(ev.BASELINES)}")
+    return task_name, steps, baselines
+
+
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     apply_data_dir(args.data_dir)
@@ -95,20 +115,8 @@ def main(argv=None) -> int:
     from meta_train.runs import load_run_config
 
     run_config = load_run_config(args.run) if args.run else None
-    task_name = args.task or (run_config.task if run_config else None)
-    if task_name is None:
-        raise SystemExit("evaluate.py: error: give --task (or --run)")
-    steps = args.steps or (run_config.horizon if run_config else None)
-    if steps is None:
-        raise SystemExit("evaluate.py: error: give --steps (or --run)")
-    if args.num_steps is not None and args.num_steps < 1:
-        raise SystemExit(f"evaluate.py: error: --num-steps must be >= 1, got {args.num_steps}")
+    task_name, steps, baselines = checked_choices(args, run_config)
     learned = learned_candidates(args, run_config, args.num_steps)
-    baselines = [b for b in args.baselines.split(",") if b]
-    unknown = sorted(set(baselines) - set(ev.BASELINES))
-    if unknown:
-        raise SystemExit(f"evaluate.py: error: unknown baseline(s) {unknown}; choose from "
-                         f"{list(ev.BASELINES)}")
     seeds = [ev.EVAL_SEEDS[0] + i for i in range(args.seeds)]
     tune = [ev.TUNE_SEEDS[0] + i for i in range(args.tune_seeds)]
     out = Path(args.out or (Path(args.run) / "eval" if args.run else "eval"))
