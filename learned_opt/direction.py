@@ -13,7 +13,9 @@ The recipe of Celo2 (Moudgil et al., ICLR 2026), with a weight-space layer as it
    the rest of the weight space, equivariantly. A linear skip from the inputs starts at
    Adam's direction (``m / sqrt(v)``) and the readout at zero, so the untrained rule is Adam
    normalised per tensor.
-3. Direction only: the output is divided by its RMS over each tensor (unit RMS per tensor).
+3. Direction only: the output is divided by its RMS over each tensor (unit RMS per tensor);
+   with ``magnitude="adam"`` it is then given the RMS Adam's step would have on that tensor
+   (the network chooses the direction, Adam the per-tensor size).
 4. The step size outside: ``optax.scale_by_learning_rate(schedule)`` (and decoupled weight
    decay) after :func:`scale_by_learned_direction`; :func:`default_schedule` is the one the
    rule was meta-trained under (linear warm-up, cosine decay over the run).
@@ -65,6 +67,10 @@ METHODS = {"direction_elementwise": "none", "direction_deepset": "deepset",
 # What rank <= 1 leaves (biases, norms' scales) get: the learned direction, or Adam's
 # bias-corrected direction (Celo2's recommended variant uses AdamW for them).
 VECTOR_RULES = ("learned", "adam")
+# Per-tensor size of the step before the schedule: 1 (direction only: the unit-RMS output, as
+# Celo2), or the RMS of Adam's bias-corrected ratio m_0 / sqrt(v) over the tensor (the untrained
+# rule is then Adam with b2 = second_moment_decay, step for step).
+MAGNITUDES = ("unit", "adam")
 # Input channels, in order; every one is RMS-normalised per tensor.
 FEATURES = ("g", "p", "m_0", "m_1", "m_2", "v", "m_0/sqrt(v)", "m_1/sqrt(v)", "m_2/sqrt(v)",
             "1/sqrt(v)", "g/sqrt(v)", "g/sqrt(v_factored)", "m_0/sqrt(v_factored)",
@@ -86,6 +92,7 @@ class DirectionConfig:
       factored_decay: of Adafactor's row and column means of g^2 (for rank <= 1 leaves: of the
         full mean of g^2, which is also Adam's ``v`` for ``vector_rule="adam"``).
       vector_rule: one of ``VECTOR_RULES``.
+      magnitude: one of ``MAGNITUDES``.
       learning_rate: peak of :func:`default_schedule` (meta-training and default use).
       warmup_fraction: linear warm-up of :func:`default_schedule`, as a fraction of the run.
       weight_decay: decoupled weight decay of the default chain (``lr * wd * p``).
@@ -98,6 +105,7 @@ class DirectionConfig:
     second_moment_decay: float = 0.95
     factored_decay: float = 0.999
     vector_rule: str = "learned"
+    magnitude: str = "unit"
     learning_rate: float = 3e-3
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
@@ -109,6 +117,8 @@ class DirectionConfig:
         if self.vector_rule not in VECTOR_RULES:
             raise ValueError(f"vector_rule must be one of {VECTOR_RULES}, got "
                              f"{self.vector_rule!r}")
+        if self.magnitude not in MAGNITUDES:
+            raise ValueError(f"magnitude must be one of {MAGNITUDES}, got {self.magnitude!r}")
         if len(self.momentum_decays) != 3:
             raise ValueError(f"momentum_decays must hold 3 decays (FEATURES has m_0..m_2), got "
                              f"{self.momentum_decays}")
@@ -225,6 +235,15 @@ def _adam_direction(cfg: DirectionConfig, m, row, step) -> jax.Array:
     return m_hat / (jnp.sqrt(v_hat) + 1e-8)
 
 
+def _adam_rms(cfg: DirectionConfig, m, v, step) -> jax.Array:
+    """RMS over the tensor of Adam's bias-corrected ratio ``m_0 / sqrt(v)`` (b1 =
+    momentum_decays[0], b2 = second_moment_decay; epsilon relative, so scale-free)."""
+    t = jnp.asarray(step, jnp.float32) + 1.0
+    m_hat = m[..., 0] / (1.0 - cfg.momentum_decays[0] ** t)
+    ratio = m_hat * _rsqrt_rel(v / (1.0 - cfg.second_moment_decay ** t))
+    return jnp.sqrt(jnp.mean(jnp.square(ratio)))
+
+
 # ----------------------------------------------------------------------------- network
 class DirectionNetwork(nn.Module):
     """Per-parameter layers on ``FEATURES``, then the readout; plus a linear skip.
@@ -269,7 +288,8 @@ def direction_update(meta_params: PyTree, config: DirectionConfig, state: Direct
                      grads: PyTree, params: PyTree, net_spec: PyTree = None
                      ) -> tuple[PyTree, DirectionState]:
     """One step of the rule: ``(direction, new_state)``, the direction with unit RMS per tensor
-    (``vector_rule="adam"``: Adam's direction on rank <= 1 leaves), in the gradients' dtypes.
+    (``magnitude="adam"``: the RMS of Adam's ratio; ``vector_rule="adam"``: Adam's direction on
+    rank <= 1 leaves), in the gradients' dtypes.
 
     ``net_spec``: the (relaxed) permutation spec of ``params``; needed unless
     ``config.layer == "none"``.
@@ -284,11 +304,13 @@ def direction_update(meta_params: PyTree, config: DirectionConfig, state: Direct
     net = DirectionNetwork(config.layer, config.hidden_features, config.num_hidden)
     raw = net.apply({"params": meta_params["net"]}, xs, net_spec)
     out = []
-    for d, ok, g, (m, _, row, _) in zip(raw, finite, gs, stats, strict=True):
+    for d, ok, g, (m, v, row, _) in zip(raw, finite, gs, stats, strict=True):
         if config.vector_rule == "adam" and g.ndim <= 1:
             d = _adam_direction(config, m, row, state.step)
         else:
             d = d * jax.lax.rsqrt(jnp.mean(jnp.square(d)) + _TINY)
+            if config.magnitude == "adam":
+                d = d * _adam_rms(config, m, v, state.step)
         out.append(jnp.where(ok, d, 0).astype(g.dtype))
     new = DirectionState(state.step + 1,
                          *(treedef.unflatten(list(s)) for s in zip(*stats, strict=True)))

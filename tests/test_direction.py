@@ -310,3 +310,43 @@ def test_load_optax_takes_the_peak_learning_rate_of_a_direction_rule():
                                rtol=1e-5)
     with pytest.raises(ValueError, match="learns its own step size"):
         learned_opt.load_optax("unf_universal_4tasks", learning_rate=1e-3)
+
+
+def test_magnitude_adam_untrained_is_adam_and_trained_keeps_adams_rms():
+    # magnitude="adam": each tensor's step has the RMS of Adam's bias-corrected ratio
+    # m_0 / sqrt(v) (b2 = second_moment_decay); untrained, the direction is Adam's, so the
+    # update is Adam's ratio element for element (relative epsilon aside).
+    shapes, spec = SPACES["mlp"]()
+    params = random_tree(1, shapes, 0.5)
+    grads = [random_tree(10 + i, shapes) for i in range(3)]
+    lopt = learned_opt.learned_optimizer("direction_unf", params, spec, magnitude="adam")
+    cfg = lopt.config
+    b1, b2 = cfg.momentum_decays[0], cfg.second_moment_decay
+
+    def adam_ratio(path):
+        m = v = 0.0
+        for g in grads:
+            x = np.asarray(g[path[0]][path[1]], np.float64)
+            m, v = b1 * m + (1 - b1) * x, b2 * v + (1 - b2) * x * x
+        t = len(grads)
+        return (m / (1 - b1 ** t)) / np.sqrt(v / (1 - b2 ** t))
+
+    untrained, _ = run(lopt, lopt.init(jax.random.key(0)), params, grads)
+    trained, _ = run(lopt, perturbed_meta(lopt), params, grads)
+    for layer in ("Dense_0", "Dense_1"):
+        for leaf in ("kernel", "bias"):
+            want = adam_ratio((layer, leaf))
+            np.testing.assert_allclose(np.asarray(untrained[layer][leaf]), want, rtol=1e-3,
+                                       atol=1e-5)
+            got = np.asarray(trained[layer][leaf], np.float64)
+            np.testing.assert_allclose(np.sqrt(np.mean(got ** 2)), np.sqrt(np.mean(want ** 2)),
+                                       rtol=1e-4)
+            assert not np.allclose(got, want, atol=1e-3)  # the direction is the network's
+    # Still scale-free: gradients scaled by c per tensor leave the update unchanged.
+    rng = np.random.default_rng(4)
+    cg = jax.tree.map(lambda _: float(10 ** rng.uniform(-3, 3)), params)
+    scaled, _ = run(lopt, perturbed_meta(lopt), params,
+                    [jax.tree.map(lambda g, c: g * c, g, cg) for g in grads])
+    assert_trees_close(scaled, trained, rtol=2e-3, atol=1e-7)
+    with pytest.raises(ValueError, match="magnitude must be one of"):
+        learned_opt.learned_optimizer("direction_unf", params, spec, magnitude="lars")
