@@ -432,6 +432,29 @@ def test_objectives_score_unrolls_as_documented():
         MetaTrainConfig(**TINY, objective="median")
 
 
+@pytest.mark.parametrize("estimator", ["pes", "es"])
+def test_centered_rank_shaping_ignores_monotone_transforms_of_the_fitness(estimator):
+    # centered_rank uses only the order of the members' fitness: exp(f) moves the meta-parameters
+    # exactly as f does; raw fitness (the default) does not.
+    import optax
+
+    setup = mt.build(MetaTrainConfig(**TINY))
+    meta0 = setup.lopt.init(jax.random.PRNGKey(0))
+    cls = type(mt.build(MetaTrainConfig(**TINY, estimator=estimator)).estimator)
+    fitness = jnp.asarray([0.3, 2.0, 0.9, 1.1])
+    moved = {}
+    for shaping in ("raw", "centered_rank"):
+        est = cls(setup.estimator.problem, meta0, population=4, truncation=5, horizon=20,
+                  fitness_shaping=shaping, optimizer=optax.sgd(0.1))  # Adam's 1st step: signs
+        es = est.strategy.init(jax.random.PRNGKey(1), meta0, est.es_params)
+        population, es = est.strategy.ask(jax.random.PRNGKey(2), es, est.es_params)
+        moved[shaping] = [
+            _flat(est.strategy.get_mean(est._tell(jax.random.PRNGKey(3), population, f, es)[0]))
+            for f in (fitness, jnp.exp(fitness))]
+    np.testing.assert_allclose(*moved["centered_rank"], rtol=1e-6, atol=1e-9)
+    assert not np.allclose(*moved["raw"], rtol=1e-3)
+
+
 def test_any_optax_outer_optimizer_can_be_injected():
     # Plain optax.adam (no record_norm): the step runs, the meta-parameters move, grad_norm is NaN.
     import optax
@@ -511,6 +534,20 @@ def test_experiment_overrides_reach_every_method_config():
         want = dict(base.optimizer_args) | {"clip_features": True, "init_alpha": 0.05}
         assert args == json.loads(json.dumps(want))  # the config stores tuples as lists
     assert experiment.with_overrides(base) == base
+
+
+def test_experiment_summary_keeps_the_rows_not_evaluated_now(tmp_path):
+    from meta_train.experiments import experiment1 as experiment
+
+    path = tmp_path / "summary.csv"
+    row = lambda task, horizon, loss: dict(task=task, method="unf", horizon=horizon,  # noqa: E731
+                                           final_train_loss=loss)
+    experiment.merge_summary_csv([row("rnn_lm", 2000, 1.0), row("mlp_fmnist", 2000, 2.0)], path)
+    rows = experiment.merge_summary_csv([row("mlp_fmnist", 10000, 3.0),
+                                         row("rnn_lm", 2000, 4.0)], path)
+    assert [(r["task"], str(r["horizon"]), float(r["final_train_loss"])) for r in rows] == [
+        ("mlp_fmnist", "2000", 2.0), ("mlp_fmnist", "10000", 3.0), ("rnn_lm", "2000", 4.0)]
+    assert len(path.read_text().splitlines()) == 4
 
 
 def test_experiment_pipeline_writes_results_and_resumes(tmp_path):

@@ -228,6 +228,23 @@ def test_beta_zero_is_exactly_sgd_momentum(method):
         p_l, p_s = optax.apply_updates(p_l, u_l), optax.apply_updates(p_s, u_s)
 
 
+def test_average_momentum_form_is_sgd_momentum_at_a_decay_scaled_step():
+    # momentum_form="average" (the authors' public code): m <- decay m + (1 - decay) g, so with
+    # beta 0 the rule is SGD-momentum at learning rate alpha (1 - decay).
+    shapes, spec = mlp_space()
+    params = random_tree(0, shapes)
+    lopt = learned_opt.learned_optimizer("sgdm", params, spec, momentum_form="average")
+    meta = lopt.init(jax.random.key(1))
+    nom = lopt.nominal(meta)
+    sgd = optax.sgd(nom["alpha"] * (1 - nom["decay"]), momentum=nom["decay"])
+    state, sgd_state = lopt.init_state(meta, params), sgd.init(params)
+    for i in range(4):
+        grads = random_tree(10 + i, shapes)
+        u_l, state = lopt.update(meta, state, grads, params)
+        u_s, sgd_state = sgd.update(grads, sgd_state, params)
+        assert_trees_close(u_l, u_s, rtol=1e-5, atol=1e-8)
+
+
 def test_nominal_init_values_and_counts():
     shapes, spec = mlp_space()
     params = random_tree(0, shapes)
