@@ -9,6 +9,8 @@
 * ``meta_train.experiments``: research experiments built on the above (the paper's experiment 1,
   the held-out architectures).
 * ``meta_train.evaluation``: train fresh task networks with learned and tuned optax optimizers.
+* ``meta_train.benchmarks``: what meta-training costs (time of its parts, matmul FLOPs, the
+  machine's limits), for ``scripts/bench_meta_train.py``.
 """
 
 from meta_train.callbacks import Callback

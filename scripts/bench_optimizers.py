@@ -114,13 +114,6 @@ def time_round_robin(runs, steps, repeats):
         r["step_ms"] = 1e3 * min(times[label])
 
 
-class _NoOpt:
-    """Forward + backward + plain SGD: the task's own share of a step."""
-
-    init = staticmethod(lambda params: optax.EmptyState())
-    update = staticmethod(lambda g, s, p=None: (jax.tree.map(lambda x: -1e-3 * x, g), s))
-
-
 def speed_table(task_names, methods, steps, repeats):
     print(f"\n## Step time ({steps} steps per jitted scan, minimum over {repeats} interleaved "
           "rounds; ratio to optax.adam measured in the same process)\n")
@@ -129,7 +122,8 @@ def speed_table(task_names, methods, steps, repeats):
     for name in task_names:
         task = tasks.get_task(name)
         params = task.init(jax.random.key(0))
-        runs = {"task fwd+bwd+sgd": compile_optimizer(task, params, _NoOpt, steps),
+        # Forward + backward + plain SGD: the task's own share of a step.
+        runs = {"task fwd+bwd+sgd": compile_optimizer(task, params, optax.sgd(1e-3), steps),
                 "optax.adam": compile_optimizer(task, params, optax.adam(1e-3), steps)}
         for method in methods:
             if method == "nfn" and name not in NFN_TASKS:
@@ -149,15 +143,33 @@ def profile_table(name, repeats, members=1):
     """Where the time of one ``unf`` update goes (each part jitted alone, beside Adam);
     ``members > 1``: every part vmapped over that many members (one device), as in
     meta-training, times per member."""
+    task = tasks.get_task(name)
+    params = task.init(jax.random.key(0))
+    lopt = learned_opt.learned_optimizer("unf", params, task.perm_spec)
+    parts = unf_update_parts(task, params, lopt)
+    if members > 1:  # every member with its own copy of every argument, as in meta-training
+        stack = lambda t: jax.tree.map(  # noqa: E731
+            lambda x: jnp.array(jnp.broadcast_to(x, (members, *jnp.shape(x)))), t)
+        parts = {k: (jax.vmap(f), stack(a)) for k, (f, a) in parts.items()}
+    jitted = {k: (jax.jit(f), a) for k, (f, a) in parts.items()}
+    mflop = {}
+    for k, (f, a) in jitted.items():  # XLA's cost analysis, per member
+        cost = f.lower(*a).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        mflop[k] = float(cost.get("flops", 0.0)) / 1e6 / members
+    times = time_parts(jitted, repeats, members)
+    print_profile(name, lopt.config, params, members, times, mflop)
+
+
+def unf_update_parts(task, params, lopt) -> dict:
+    """{part: (function, arguments)}: the pieces of one ``unf`` update, the task's forward and
+    backward and Adam's update."""
     import flax.linen as nn
 
     from learned_opt import features as feats
     from learned_opt.network import UpdateNetwork
     from learned_opt.unf import UNFLinear
 
-    task = tasks.get_task(name)
-    params = task.init(jax.random.key(0))
-    lopt = learned_opt.learned_optimizer("unf", params, task.perm_spec)
     c = lopt.config
     meta = lopt.init(jax.random.key(1))
     state = lopt.init_state(meta, params)
@@ -172,7 +184,7 @@ def profile_table(name, repeats, members=1):
     v_last = last.init(jax.random.key(0), hidden, lopt.net_spec)
     adam = optax.adam(1e-3)
     batch = task.sample_batch(jax.random.key(0))
-    parts = {
+    return {
         "task forward+backward": (lambda p, b: jax.grad(task.loss)(p, b), (params, batch)),
         "optax.adam update": (adam.update, (grads, adam.init(params), params)),
         "features (momenta, clip, RMS)": (
@@ -185,16 +197,10 @@ def profile_table(name, repeats, members=1):
                                      (v_last, hidden)),
         "whole unf update": (lopt.update, (meta, state, grads, params)),
     }
-    if members > 1:  # every member with its own copy of every argument, as in meta-training
-        stack = lambda t: jax.tree.map(  # noqa: E731
-            lambda x: jnp.array(jnp.broadcast_to(x, (members, *jnp.shape(x)))), t)
-        parts = {k: (jax.vmap(f), stack(a)) for k, (f, a) in parts.items()}
-    jitted = {k: (jax.jit(f), a) for k, (f, a) in parts.items()}
-    mflop = {}
-    for k, (f, a) in jitted.items():  # XLA's cost analysis, per member
-        cost = f.lower(*a).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        mflop[k] = float(cost.get("flops", 0.0)) / 1e6 / members
+
+
+def time_parts(jitted, repeats, members):
+    """Seconds per call and member of every jitted part: 10 calls a round, interleaved."""
     for f, a in jitted.values():
         jax.block_until_ready(f(*a))
     times = {k: [] for k in jitted}
@@ -205,6 +211,10 @@ def profile_table(name, repeats, members=1):
                 out = f(*a)
             jax.block_until_ready(out)
             times[k].append((time.perf_counter() - t0) / 10 / members)
+    return times
+
+
+def print_profile(name, c, params, members, times, mflop):
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     per_param = 2 * ((2 + len(c.momentum_decays)) * c.hidden_features
                      + (c.num_layers - 2) * c.hidden_features ** 2 + c.hidden_features)

@@ -137,7 +137,7 @@ def compare_matmul(task, members: int, steps: int, repeats: int) -> dict:
             "grad_scale": scale, "ms": ms}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+",
                         default=["mlp_fmnist", "cnn_cifar10", "rnn_lm", "transformer_lm"])
@@ -153,23 +153,14 @@ def main(argv=None):
     parser.add_argument("--compare-matmul", action="store_true",
                         help="instead: matmul_impl 'flax' (previous path) against 'vjp' "
                              "(default) at the last --members, same process")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.compare_matmul:
-        members = args.members[-1]
-        print(f"jax {jax.__version__}, {members} members vmapped on one device, {args.steps} "
-              f"steps per call, best of {args.repeats} interleaved rounds")
-        print("| task | ms / member-step, flax | vjp | speed-up | max abs grad diff "
-              "(max abs grad) | loss diff |")
-        print("|---|---|---|---|---|---|")
-        for name in args.tasks:
-            task = tasks.get_task(name, data_dir=args.data_dir)
-            r = compare_matmul(task, members, args.steps, args.repeats)
-            print(f"| {name} | {r['ms']['flax']:.3f} | {r['ms']['vjp']:.3f} | "
-                  f"{r['ms']['flax'] / r['ms']['vjp']:.2f}x | {r['grad_diff']:.1e} "
-                  f"({r['grad_scale']:.1e}) | {r['loss_diff']:.1e} |", flush=True)
+        matmul_table(args)
         return
-
     variants = []
     for name in args.tasks:
         if name.startswith("cnn_cifar10"):
@@ -177,7 +168,29 @@ def main(argv=None):
                          (name, {"conv_impl": "lax"}, args.lax_members)]
         else:
             variants.append((name, {}, args.members))
+    step_table(args, variants)
+    names = list(dict.fromkeys(name for name, _, _ in variants))
+    constants_table(args, names)
+    if args.train_steps:
+        train_table(args, names)
 
+
+def matmul_table(args):
+    members = args.members[-1]
+    print(f"jax {jax.__version__}, {members} members vmapped on one device, {args.steps} "
+          f"steps per call, best of {args.repeats} interleaved rounds")
+    print("| task | ms / member-step, flax | vjp | speed-up | max abs grad diff "
+          "(max abs grad) | loss diff |")
+    print("|---|---|---|---|---|---|")
+    for name in args.tasks:
+        task = tasks.get_task(name, data_dir=args.data_dir)
+        r = compare_matmul(task, members, args.steps, args.repeats)
+        print(f"| {name} | {r['ms']['flax']:.3f} | {r['ms']['vjp']:.3f} | "
+              f"{r['ms']['flax'] / r['ms']['vjp']:.2f}x | {r['grad_diff']:.1e} "
+              f"({r['grad_scale']:.1e}) | {r['loss_diff']:.1e} |", flush=True)
+
+
+def step_table(args, variants):
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {args.steps} steps per call, "
           f"best of {args.repeats}")
     print("| task | members | compile (s) | ms / step | ms / step / member "
@@ -194,29 +207,32 @@ def main(argv=None):
             print(f"| {label} | {members} | {r['compile_s']:.2f} | {r['step_ms']:.2f} | "
                   f"{r['member_ms']:.3f} | {ratio} |", flush=True)
 
+
+def constants_table(args, names):
     print("\nCompile time of jit(sample_batch): data closed over (embedded as constants) vs "
           "passed as an argument")
     print("| task | data (MB) | closed over (s) | argument (s) | ratio |")
     print("|---|---|---|---|---|")
-    for name in dict.fromkeys(name for name, _, _ in variants):
+    for name in names:
         task = tasks.get_task(name, data_dir=args.data_dir)
         mb = sum(x.nbytes for x in jax.tree.leaves(task.data)) / 1e6
         closed_s, passed_s = bench_constants(task)
         print(f"| {name} | {mb:.1f} | {closed_s:.2f} | {passed_s:.2f} | "
               f"{closed_s / passed_s:.1f} |", flush=True)
 
-    if args.train_steps:
-        print(f"\nAdam({args.train_lr}), {args.train_steps} steps, seed 0; test metrics on the "
-              f"first 2,000 test examples (windows for the language models)")
-        print("| task | data | test loss before | test loss after | test accuracy after "
-              "| train loss (last 10%) | seconds (incl. compile) |")
-        print("|---|---|---|---|---|---|---|")
-        for name in dict.fromkeys(name for name, _, _ in variants):
-            task = tasks.get_task(name, data_dir=args.data_dir)
-            r = train_check(task, args.train_steps, args.train_lr, 2000)
-            print(f"| {name} | {task.config.data_source} | {float(r['before']['loss']):.3f} | "
-                  f"{float(r['after']['loss']):.3f} | {float(r['after']['accuracy']):.3f} | "
-                  f"{r['train_last']:.3f} | {r['seconds']:.1f} |", flush=True)
+
+def train_table(args, names):
+    print(f"\nAdam({args.train_lr}), {args.train_steps} steps, seed 0; test metrics on the "
+          f"first 2,000 test examples (windows for the language models)")
+    print("| task | data | test loss before | test loss after | test accuracy after "
+          "| train loss (last 10%) | seconds (incl. compile) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        task = tasks.get_task(name, data_dir=args.data_dir)
+        r = train_check(task, args.train_steps, args.train_lr, 2000)
+        print(f"| {name} | {task.config.data_source} | {float(r['before']['loss']):.3f} | "
+              f"{float(r['after']['loss']):.3f} | {float(r['after']['accuracy']):.3f} | "
+              f"{r['train_last']:.3f} | {r['seconds']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -55,63 +55,83 @@ IN_CHANNELS = 19
 def weight_space(task: str, paper: bool):
     """(shapes, spec) of a task's parameters."""
     fix = lambda label: label if paper else None  # noqa: E731
-    if task == "mlp":  # 64 -> 32 -> 10
-        shapes = {"Dense_0": {"kernel": (64, 32), "bias": (32,)},
-                  "Dense_1": {"kernel": (32, 10), "bias": (10,)}}
-        spec = {"Dense_0": {"kernel": (fix("in"), "h"), "bias": ("h",)},
-                "Dense_1": {"kernel": ("h", fix("out")), "bias": (fix("out"),)}}
-    elif task == "cnn":  # 3x3 convs 3 -> 16 -> 32, global average pool, linear 32 -> 10
-        sp = (fix("kh"), fix("kw"))
-        shapes = {"Conv_0": {"kernel": (3, 3, 3, 16), "bias": (16,)},
-                  "Conv_1": {"kernel": (3, 3, 16, 32), "bias": (32,)},
-                  "Dense_0": {"kernel": (32, 10), "bias": (10,)}}
-        spec = {"Conv_0": {"kernel": sp + (fix("in"), "c0"), "bias": ("c0",)},
-                "Conv_1": {"kernel": sp + ("c0", "c1"), "bias": ("c1",)},
-                "Dense_0": {"kernel": ("c1", fix("out")), "bias": (fix("out"),)}}
-    elif task == "rnn":  # bytes: embedding 256x32, ReLU RNN 64, output 64x256
-        shapes = {"Embed_0": {"embedding": (256, 32)},
-                  "RNN_0": {"i": {"kernel": (32, 64), "bias": (64,)}, "h": {"kernel": (64, 64)},
-                            "initial_state": (64,)},
-                  "Dense_0": {"kernel": (64, 256), "bias": (256,)}}
-        spec = {"Embed_0": {"embedding": (fix("vocab_in"), "e")},
-                "RNN_0": {"i": {"kernel": ("e", "h"), "bias": ("h",)}, "h": {"kernel": ("h", "h")},
-                          "initial_state": ("h",)},
-                "Dense_0": {"kernel": ("h", fix("vocab_out")), "bias": (fix("vocab_out"),)}}
-    elif task == "transformer":  # 2 pre-LN blocks, width 32, 4 heads of 8, MLP 128, bytes
-        d, heads, hd, mlp, vocab = 32, 4, 8, 128, 256
-        shapes = {"embed": {"embedding": (vocab, d)}}
-        spec = {"embed": {"embedding": (fix("vocab_in"), "r0" if paper else "r")}}
-        for b in range(2):
-            # paper variant: each block reads a residual stream with its own label (public code)
-            r = f"r{b}" if paper else "r"
-            H, Q, V, M = f"b{b}/heads", f"b{b}/qk", f"b{b}/v", f"b{b}/mlp"
-            shapes[f"block_{b}"] = {
-                "ln_attn": {"scale": (d,), "bias": (d,)},
-                "attention": {
-                    "query": {"kernel": (d, heads, hd), "bias": (heads, hd)},
-                    "key": {"kernel": (d, heads, hd), "bias": (heads, hd)},
-                    "value": {"kernel": (d, heads, hd), "bias": (heads, hd)},
-                    "out": {"kernel": (heads, hd, d), "bias": (d,)}},
-                "ln_mlp": {"scale": (d,), "bias": (d,)},
-                "mlp_in": {"kernel": (d, mlp), "bias": (mlp,)},
-                "mlp_out": {"kernel": (mlp, d), "bias": (d,)}}
-            spec[f"block_{b}"] = {
-                "ln_attn": {"scale": (r,), "bias": (r,)},
-                "attention": {
-                    "query": {"kernel": (r, H, Q), "bias": (H, Q)},
-                    "key": {"kernel": (r, H, Q), "bias": (H, Q)},
-                    "value": {"kernel": (r, H, V), "bias": (H, V)},
-                    "out": {"kernel": (H, V, r), "bias": (r,)}},
-                "ln_mlp": {"scale": (r,), "bias": (r,)},
-                "mlp_in": {"kernel": (r, M), "bias": (M,)},
-                "mlp_out": {"kernel": (M, r), "bias": (r,)}}
-        r = "r2" if paper else "r"
-        shapes["ln_final"] = {"scale": (d,), "bias": (d,)}
-        spec["ln_final"] = {"scale": (r,), "bias": (r,)}
-        shapes["unembed"] = {"kernel": (d, vocab), "bias": (vocab,)}
-        spec["unembed"] = {"kernel": (r, fix("vocab_out")), "bias": (fix("vocab_out"),)}
-    else:
+    spaces = {"mlp": _mlp_space, "cnn": _cnn_space, "rnn": _rnn_space,
+              "transformer": _transformer_space}
+    if task not in spaces:
         raise ValueError(f"unknown task {task!r}")
+    return spaces[task](fix, paper)
+
+
+def _mlp_space(fix, paper):  # 64 -> 32 -> 10
+    shapes = {"Dense_0": {"kernel": (64, 32), "bias": (32,)},
+              "Dense_1": {"kernel": (32, 10), "bias": (10,)}}
+    spec = {"Dense_0": {"kernel": (fix("in"), "h"), "bias": ("h",)},
+            "Dense_1": {"kernel": ("h", fix("out")), "bias": (fix("out"),)}}
+    return shapes, spec
+
+
+def _cnn_space(fix, paper):  # 3x3 convs 3 -> 16 -> 32, global average pool, linear 32 -> 10
+    sp = (fix("kh"), fix("kw"))
+    shapes = {"Conv_0": {"kernel": (3, 3, 3, 16), "bias": (16,)},
+              "Conv_1": {"kernel": (3, 3, 16, 32), "bias": (32,)},
+              "Dense_0": {"kernel": (32, 10), "bias": (10,)}}
+    spec = {"Conv_0": {"kernel": sp + (fix("in"), "c0"), "bias": ("c0",)},
+            "Conv_1": {"kernel": sp + ("c0", "c1"), "bias": ("c1",)},
+            "Dense_0": {"kernel": ("c1", fix("out")), "bias": (fix("out"),)}}
+    return shapes, spec
+
+
+def _rnn_space(fix, paper):  # bytes: embedding 256x32, ReLU RNN 64, output 64x256
+    shapes = {"Embed_0": {"embedding": (256, 32)},
+              "RNN_0": {"i": {"kernel": (32, 64), "bias": (64,)}, "h": {"kernel": (64, 64)},
+                        "initial_state": (64,)},
+              "Dense_0": {"kernel": (64, 256), "bias": (256,)}}
+    spec = {"Embed_0": {"embedding": (fix("vocab_in"), "e")},
+            "RNN_0": {"i": {"kernel": ("e", "h"), "bias": ("h",)}, "h": {"kernel": ("h", "h")},
+                      "initial_state": ("h",)},
+            "Dense_0": {"kernel": ("h", fix("vocab_out")), "bias": (fix("vocab_out"),)}}
+    return shapes, spec
+
+
+def _transformer_space(fix, paper):  # 2 pre-LN blocks, width 32, 4 heads of 8, MLP 128, bytes
+    d, vocab = 32, 256
+    shapes = {"embed": {"embedding": (vocab, d)}}
+    spec = {"embed": {"embedding": (fix("vocab_in"), "r0" if paper else "r")}}
+    for b in range(2):
+        # paper variant: each block reads a residual stream with its own label (public code)
+        shapes[f"block_{b}"], spec[f"block_{b}"] = _transformer_block(b, f"r{b}" if paper else "r")
+    r = "r2" if paper else "r"
+    shapes["ln_final"] = {"scale": (d,), "bias": (d,)}
+    spec["ln_final"] = {"scale": (r,), "bias": (r,)}
+    shapes["unembed"] = {"kernel": (d, vocab), "bias": (vocab,)}
+    spec["unembed"] = {"kernel": (r, fix("vocab_out")), "bias": (fix("vocab_out"),)}
+    return shapes, spec
+
+
+def _transformer_block(b, r):
+    """(shapes, spec) of block ``b`` reading the residual stream labelled ``r``."""
+    d, heads, hd, mlp = 32, 4, 8, 128
+    H, Q, V, M = f"b{b}/heads", f"b{b}/qk", f"b{b}/v", f"b{b}/mlp"
+    leaves = {  # path: (shape, labels)
+        "ln_attn/scale": ((d,), (r,)), "ln_attn/bias": ((d,), (r,)),
+        "attention/query/kernel": ((d, heads, hd), (r, H, Q)),
+        "attention/query/bias": ((heads, hd), (H, Q)),
+        "attention/key/kernel": ((d, heads, hd), (r, H, Q)),
+        "attention/key/bias": ((heads, hd), (H, Q)),
+        "attention/value/kernel": ((d, heads, hd), (r, H, V)),
+        "attention/value/bias": ((heads, hd), (H, V)),
+        "attention/out/kernel": ((heads, hd, d), (H, V, r)), "attention/out/bias": ((d,), (r,)),
+        "ln_mlp/scale": ((d,), (r,)), "ln_mlp/bias": ((d,), (r,)),
+        "mlp_in/kernel": ((d, mlp), (r, M)), "mlp_in/bias": ((mlp,), (M,)),
+        "mlp_out/kernel": ((mlp, d), (M, r)), "mlp_out/bias": ((d,), (r,)),
+    }
+    shapes, spec = {}, {}
+    for path, (shape, labels) in leaves.items():
+        *parents, name = path.split("/")
+        into_shapes, into_spec = shapes, spec
+        for key in parents:
+            into_shapes, into_spec = into_shapes.setdefault(key, {}), into_spec.setdefault(key, {})
+        into_shapes[name], into_spec[name] = shape, labels
     return shapes, spec
 
 
@@ -201,8 +221,21 @@ def child(task: str, spec_kind: str, model: str, reps: int):
     res, y_fast = measure(loss_fast, (variables, x), reps)
     print(json.dumps({"impl": "fast", **res}), flush=True)
 
-    # The same coefficients, in the reference's format.
-    p = variables["params"]
+    def loss_ref(meta, x):  # differentiated w.r.t. the same parameters as the fast network
+        y = reference_forward(model, *meta, x, spec)
+        return sum(jnp.sum(a**2) for a in jax.tree.leaves(y)), y
+
+    meta = reference_parameters(model, variables["params"], shapes, spec)
+    res, y_ref = measure(loss_ref, (meta, x), reps)
+    scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(y_fast))
+    res["max_rel_diff"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(y_fast), jax.tree.leaves(y_ref), strict=True)) / scale
+    print(json.dumps({"impl": "ref", **res}), flush=True)
+
+
+def reference_parameters(model, p, shapes, spec):
+    """(dense layers, UNF layers as basis coefficients): the fast network's parameters ``p``
+    in the reference's format."""
     if model == "f":
         dense = [p[f"Dense_{k}"] for k in range(3)]
         widths = [32]
@@ -218,16 +251,7 @@ def child(task: str, spec_kind: str, model: str, reps: int):
         xs = jax.tree.map(lambda s, w=w: jax.ShapeDtypeStruct(s + (w,), jnp.float32), shapes,
                           is_leaf=lambda s: isinstance(s, tuple))
         layers.append(basis_coefficients({"params": lp}, xs, spec))
-
-    def loss_ref(meta, x):  # differentiated w.r.t. the same parameters as the fast network
-        y = reference_forward(model, *meta, x, spec)
-        return sum(jnp.sum(a**2) for a in jax.tree.leaves(y)), y
-
-    res, y_ref = measure(loss_ref, ((dense, layers), x), reps)
-    scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(y_fast))
-    res["max_rel_diff"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(y_fast), jax.tree.leaves(y_ref), strict=True)) / scale
-    print(json.dumps({"impl": "ref", **res}), flush=True)
+    return dense, layers
 
 
 def run_child(task, spec_kind, model, reps, limit):
@@ -255,7 +279,7 @@ def fmt(v, unit=""):
     return f"{v:.2f}" if isinstance(v, float) else f"{v:,}"
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="MLP and CNN only, short limits")
     ap.add_argument("--tasks", default="mlp,cnn,rnn,transformer")
@@ -266,7 +290,11 @@ def main():
     ap.add_argument("--max-params", type=float, default=5e7,
                     help="skip networks with more parameters (counted without building them)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
     if args.child:
         child(*args.child, reps=args.reps)
         return
@@ -282,33 +310,32 @@ def main():
     for task in task_list:
         for spec_kind in args.specs.split(","):
             for model in args.models.split(","):
-                n = count_params(task, spec_kind, model)
-                if model == "f":
-                    n += 3  # the paper counts 3 nominal meta-parameters (alpha, beta, decay)
-                paper = PAPER_F[task] if model == "f" else None
-                if n > args.max_params:
-                    print(f"| {task} | {spec_kind} | {model} | {n:,} | {fmt(paper)} | not run: "
-                          f"more than {args.max_params:,.0f} parameters | | | |", flush=True)
-                    continue
-                rows, timed_out = run_child(task, spec_kind, model, args.reps, args.limit)
-                fast, refr = rows.get("fast"), rows.get("ref")
-                if fast is None:
-                    print(f"| {task} | {spec_kind} | {model} | {n:,} | {fmt(paper)} | fast did not "
-                          f"finish in {args.limit:.0f} s | | | |", flush=True)
-                    continue
-                if refr is None:
-                    why = f"> {args.limit:.0f} s limit" if timed_out else "failed"
-                    print(f"| {task} | {spec_kind} | {model} | {n:,} | {fmt(paper)} | "
-                          f"{fast['compile_s']:.2f} / ref {why} | {fmt(fast['step_s'], 'ms')} / - "
-                          f"| {fmt(fast['mem_mib'])} / - | - |", flush=True)
-                    continue
-                print(f"| {task} | {spec_kind} | {model} | {n:,} | {fmt(paper)} | "
-                      f"{fast['compile_s']:.2f} / {refr['compile_s']:.2f} / "
-                      f"{refr['compile_s'] / fast['compile_s']:.1f}x | "
-                      f"{fmt(fast['step_s'], 'ms')} / {fmt(refr['step_s'], 'ms')} / "
-                      f"{refr['step_s'] / fast['step_s']:.1f}x | "
-                      f"{fmt(fast['mem_mib'])} / {fmt(refr['mem_mib'])} | "
-                      f"{refr['max_rel_diff']:.1e} |", flush=True)
+                print(table_row(args, task, spec_kind, model), flush=True)
+
+
+def table_row(args, task, spec_kind, model):
+    """The table's row of one (task, spec, network): run in a child process if not too big."""
+    n = count_params(task, spec_kind, model)
+    if model == "f":
+        n += 3  # the paper counts 3 nominal meta-parameters (alpha, beta, decay)
+    paper = PAPER_F[task] if model == "f" else None
+    cells = f"| {task} | {spec_kind} | {model} | {n:,} | {fmt(paper)} | "
+    if n > args.max_params:
+        return cells + f"not run: more than {args.max_params:,.0f} parameters | | | |"
+    rows, timed_out = run_child(task, spec_kind, model, args.reps, args.limit)
+    fast, refr = rows.get("fast"), rows.get("ref")
+    if fast is None:
+        return cells + f"fast did not finish in {args.limit:.0f} s | | | |"
+    if refr is None:
+        why = f"> {args.limit:.0f} s limit" if timed_out else "failed"
+        return cells + (f"{fast['compile_s']:.2f} / ref {why} | {fmt(fast['step_s'], 'ms')} / - "
+                        f"| {fmt(fast['mem_mib'])} / - | - |")
+    return cells + (f"{fast['compile_s']:.2f} / {refr['compile_s']:.2f} / "
+                    f"{refr['compile_s'] / fast['compile_s']:.1f}x | "
+                    f"{fmt(fast['step_s'], 'ms')} / {fmt(refr['step_s'], 'ms')} / "
+                    f"{refr['step_s'] / fast['step_s']:.1f}x | "
+                    f"{fmt(fast['mem_mib'])} / {fmt(refr['mem_mib'])} | "
+                    f"{refr['max_rel_diff']:.1e} |")
 
 
 def count_params(task, spec_kind, model):

@@ -41,15 +41,34 @@ def main(argv=None):
     args = parse_args(argv)
     apply_data_dir(args.data_dir)
     t_start = time.perf_counter()
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    config, result = meta_train_demo(args, out)
+    t_train = time.perf_counter() - t_start
+    lopt, meta = result.lopt, result.meta_params
+    init, nominal = print_nominal(lopt, meta, args.seed)
+
+    evaluate_demo(lopt, {"unf (meta-trained)": meta,
+                         "unf (meta-trained, beta=0)": meta | {"beta": 0.0 * meta["beta"]},
+                         "unf (initialisation)": init}, config.horizon, args, out,
+                  info={"task": "mlp_fmnist", "run": str(out), "outer_steps": result.steps_done,
+                        "nominal": nominal})
+    plot = out / "eval" / "curves.png"
+    print(f"\nplot: {plot}\nsummary: {out / 'eval' / 'summary.json'}\n"
+          f"optimizer checkpoint: {out / 'optimizer'} (learned_opt.load_optax reads it)\n"
+          f"time: {time.perf_counter() - t_start:.0f} s ({t_train:.0f} s meta-training incl. "
+          "setup)")
+    return 0
+
+
+def meta_train_demo(args, out: Path):
+    """Step 1: meta-train (or resume) the run in ``out``; returns (its config, the result)."""
     import jax
 
     from learned_opt import presets
     from meta_train import MetaTrainConfig, meta_train
-    from meta_train.train import initial_meta_params
 
-    out = Path(args.out)
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
     devices = jax.devices()
     population = 16
     print(f"devices: {len(devices)} x {devices[0].device_kind}; population {population} "
@@ -71,26 +90,20 @@ def main(argv=None):
           f"T={config.horizon}, {config.outer_steps} outer steps -> {out}")
     # Resuming an existing run is refused if any trajectory-defining option differs.
     given = MetaTrainConfig.field_names() - {"loss_cap"}
-    result = meta_train(config, progress=True, given=given)
-    t_train = time.perf_counter() - t_start
-    lopt, meta = result.lopt, result.meta_params
+    return config, meta_train(config, progress=True, given=given)
+
+
+def print_nominal(lopt, meta, seed: int):
+    """Prints the nominal terms at initialisation and after meta-training; returns (the
+    initial meta-parameters, the trained nominal terms)."""
+    from meta_train.train import initial_meta_params
+
     nominal = {k: float(v) for k, v in lopt.nominal(meta).items()}
-    init = initial_meta_params(lopt, args.seed)
+    init = initial_meta_params(lopt, seed)
     init_nominal = {k: float(v) for k, v in lopt.nominal(init).items()}
     print("nominal terms, init -> trained: "
           + ", ".join(f"{k} {init_nominal[k]:.4g} -> {nominal[k]:.4g}" for k in nominal))
-
-    evaluate_demo(lopt, {"unf (meta-trained)": meta,
-                         "unf (meta-trained, beta=0)": meta | {"beta": 0.0 * meta["beta"]},
-                         "unf (initialisation)": init}, config.horizon, args, out,
-                  info={"task": "mlp_fmnist", "run": str(out), "outer_steps": result.steps_done,
-                        "nominal": nominal})
-    plot = out / "eval" / "curves.png"
-    print(f"\nplot: {plot}\nsummary: {out / 'eval' / 'summary.json'}\n"
-          f"optimizer checkpoint: {out / 'optimizer'} (learned_opt.load_optax reads it)\n"
-          f"time: {time.perf_counter() - t_start:.0f} s ({t_train:.0f} s meta-training incl. "
-          "setup)")
-    return 0
+    return init, nominal
 
 
 def evaluate_demo(lopt, metas: dict, horizon: int, args, out: Path, info: dict) -> None:

@@ -18,19 +18,21 @@ import sys
 from meta_train.cli import add_data_dir_flag, apply_data_dir
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--optimizer", required=True, help="optimizer checkpoint directory")
     p.add_argument("--task", default="mlp_fmnist")
     p.add_argument("--steps", type=int, default=10_000, help="run length (num_steps)")
     p.add_argument("--seed", type=int, default=100, help="evaluation seed (unseen: 100-104)")
     add_data_dir_flag(p)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     apply_data_dir(args.data_dir)
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import optax
 
     import learned_opt
     import tasks
@@ -44,21 +46,7 @@ def main(argv=None) -> int:
     k_init, k_data = jax.random.split(seed_key(args.seed))
     params = task.init(k_init)
     state = lopt.init_state(meta, params)
-    norm = optax.tree.norm
-
-    def cos(a, b):
-        return optax.tree.vdot(a, b) / (norm(a) * norm(b))
-
-    @jax.jit
-    def step(params, state, batch_key):
-        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(batch_key, "train"))
-        updates, new = lopt.update(meta, state, grads, params, num_steps=args.steps)
-        alpha_t = lopt.step_size(meta, state.step, args.steps)
-        net = jax.tree.map(lambda u, m: -u / alpha_t - m, updates, new.momentum)
-        stats = (norm(net) / norm(new.momentum), cos(net, new.momentum), cos(net, params),
-                 norm(params), alpha_t)
-        return jax.tree.map(jnp.add, params, updates), new, loss, stats
-
+    step = diagnosed_step(task, lopt, meta, args.steps)
     marks = {10, 100, 300, 1000, 2000, 3000, 5000, 7500, args.steps}
     losses = []
     for t in range(1, args.steps + 1):
@@ -70,6 +58,31 @@ def main(argv=None) -> int:
                   f"{ratio:.3f}  cos(net, m) {c_m:+.3f}  cos(net, W) {c_w:+.3f}  |W| {w:8.2f}  "
                   f"alpha_t {a_t:.4f}", flush=True)
     return 0
+
+
+def diagnosed_step(task, lopt, meta, num_steps):
+    """jit(params, state, batch key) -> (params, state, loss, (|net| / |m|, cos(net, m),
+    cos(net, W), |W|, alpha_t)): one training step and what it says of the network term."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    norm = optax.tree.norm
+
+    def cos(a, b):
+        return optax.tree.vdot(a, b) / (norm(a) * norm(b))
+
+    @jax.jit
+    def step(params, state, batch_key):
+        loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(batch_key, "train"))
+        updates, new = lopt.update(meta, state, grads, params, num_steps=num_steps)
+        alpha_t = lopt.step_size(meta, state.step, num_steps)
+        net = jax.tree.map(lambda u, m: -u / alpha_t - m, updates, new.momentum)
+        stats = (norm(net) / norm(new.momentum), cos(net, new.momentum), cos(net, params),
+                 norm(params), alpha_t)
+        return jax.tree.map(jnp.add, params, updates), new, loss, stats
+
+    return step
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Example::
 """
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from meta_train.experiments.experiment1 import PAPER_OUTER_STEPS, PROTOCOLS
 from meta_train.tracking import WANDB_MODES
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
     p.add_argument("--methods", nargs="+", default=None,
@@ -59,6 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-only", action="store_true", help="evaluate what is there")
     p.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
     add_data_dir_flag(p)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.horizon_factors is not None and min(args.horizon_factors) < 1:
         p.error(f"--horizon-factors must be >= 1, got {args.horizon_factors}")
@@ -80,12 +84,7 @@ def main(argv=None) -> int:
     if args.device:  # jax is imported already (the protocols): set the config, not the env
         jax.config.update("jax_platforms", args.device.replace("gpu", "cuda"))
 
-    from meta_train.experiments.experiment1 import (
-        evaluate_task,
-        run_method,
-        with_overrides,
-        write_summary_csv,
-    )
+    from meta_train.experiments.experiment1 import evaluate_task, run_method, with_overrides
 
     devices = jax.devices()
     print(f"devices: {len(devices)} x {devices[0].device_kind}; budget {args.budget:,} outer "
@@ -102,23 +101,22 @@ def main(argv=None) -> int:
         if not args.skip_eval:
             rows += evaluate_task(protocol, protocol.methods, out)
     if rows:
-        path = out / "summary.csv"
-        done = {(r["task"], str(r["horizon"])) for r in rows}
-        if path.exists():  # keep the rows of tasks and horizons not evaluated now
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f)
-                        if (r["task"], r["horizon"]) not in done] + rows
-        order = list(PROTOCOLS)
-        rows.sort(key=lambda r: (order.index(r["task"]) if r["task"] in order else len(order),
-                                 int(r["horizon"])))
-        write_summary_csv(rows, path)
-        print(f"summary: {path}")
-        for r in rows:
-            if (r["task"], str(r["horizon"])) in done:
-                loss, se = float(r["final_train_loss"]), float(r["final_train_loss_se"])
-                print(f"{r['task']:<15} {r['method']:<14} T={r['horizon']:<6} train loss "
-                      f"{loss:.4f} +- {se:.4f}")
+        print_summary(rows, out / "summary.csv")
     return 0
+
+
+def print_summary(rows, path):
+    """Merges ``rows`` into the summary CSV and prints their final training losses."""
+    from meta_train.experiments.experiment1 import merge_summary_csv
+
+    done = {(r["task"], str(r["horizon"])) for r in rows}
+    rows = merge_summary_csv(rows, path)
+    print(f"summary: {path}")
+    for r in rows:
+        if (r["task"], str(r["horizon"])) in done:
+            loss, se = float(r["final_train_loss"]), float(r["final_train_loss_se"])
+            print(f"{r['task']:<15} {r['method']:<14} T={r['horizon']:<6} train loss "
+                  f"{loss:.4f} +- {se:.4f}")
 
 
 if __name__ == "__main__":

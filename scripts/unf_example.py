@@ -56,8 +56,26 @@ def main():
     params = mlp.init(key, jnp.zeros((1, 8)))
     spec = mlp_spec(2)
     print("label sizes:", lo.label_sizes(params, spec))
+    print_basis_maps(spec)
 
-    # 2. Basis maps per ordered pair (output leaf <- input leaf).
+    # 3. A UNF on the weight space (input: the weights themselves, one channel).
+    x = jax.tree.map(lambda p: p[..., None], params)
+    unf = lo.UNF(hidden_features=16, num_layers=3, out_features=1)
+    variables = jax.jit(lambda k, x: unf.init(k, x, spec))(jax.random.fold_in(key, 1), x)
+    apply = jax.jit(lambda v, x: unf.apply(v, x, spec))
+    n_params = sum(v.size for v in jax.tree.leaves(variables))
+    print(f"\nUNF(16 channels, 3 layers): {n_params:,} parameters")
+    check_equivariance(key, mlp, params, spec, x, lambda x: apply(variables, x))
+
+    # 4. The same variables on a wider MLP.
+    wide = MLP(hidden=(48, 40)).init(key, jnp.zeros((1, 8)))
+    y_wide = apply(variables, jax.tree.map(lambda p: p[..., None], wide))
+    print("same UNF on a 8-48-40-4 MLP: output shapes",
+          jax.tree.map(lambda a: a.shape, y_wide)["params"]["Dense_1"])
+
+
+def print_basis_maps(spec):
+    """2. Basis maps per ordered pair (output leaf <- input leaf)."""
     leaves = spec_leaves(spec)
     names = [p.removeprefix("params/") for p, _ in leaves]
     print("\nbasis maps per pair (rows: output leaf, columns: input leaf)")
@@ -67,16 +85,13 @@ def main():
         print(f"{name:>16}" + "".join(f"{c:>16}" for c in counts))
     print("total:", sum(lo.num_basis_terms(o, i) for _, o in leaves for _, i in leaves))
 
-    # 3. A UNF on the weight space (input: the weights themselves, one channel).
-    x = jax.tree.map(lambda p: p[..., None], params)
-    unf = lo.UNF(hidden_features=16, num_layers=3, out_features=1)
-    variables = jax.jit(lambda k, x: unf.init(k, x, spec))(jax.random.fold_in(key, 1), x)
-    apply = jax.jit(lambda v, x: unf.apply(v, x, spec))
-    n_params = sum(v.size for v in jax.tree.leaves(variables))
-    print(f"\nUNF(16 channels, 3 layers): {n_params:,} parameters")
-    y = apply(variables, x)
+
+def check_equivariance(key, mlp, params, spec, x, unf):
+    """3. Permuting the MLP's hidden units permutes ``unf(x)`` the same way; permuting the
+    fixed input pixels does not."""
+    y = unf(x)
     perms = lo.random_permutations(jax.random.fold_in(key, 2), lo.label_sizes(params, spec))
-    y_of_permuted = apply(variables, lo.permute(x, spec, perms))
+    y_of_permuted = unf(lo.permute(x, spec, perms))
     err = max_abs_diff(y_of_permuted, lo.permute(y, spec, perms))
     print(f"equivariance: max |UNF(P x) - P UNF(x)| = {err:.2e}")
     # The permuted MLP computes the same function (that is what makes the spec correct).
@@ -87,16 +102,9 @@ def main():
     # A spec that also permutes the input pixels is wrong for the UNF built on the right one:
     wrong = {"params": {**spec["params"], "Dense_0": {"kernel": ("pix", "h0"), "bias": ("h0",)}}}
     pix = {"pix": jax.random.permutation(jax.random.fold_in(key, 4), 8)}
-    err_wrong = max_abs_diff(apply(variables, lo.permute(x, wrong, pix)),
-                             lo.permute(y, wrong, pix))
+    err_wrong = max_abs_diff(unf(lo.permute(x, wrong, pix)), lo.permute(y, wrong, pix))
     print(f"permuting the (fixed) input pixels instead: max difference = {err_wrong:.2e} "
           "(not a symmetry of this UNF, as expected)")
-
-    # 4. The same variables on a wider MLP.
-    wide = MLP(hidden=(48, 40)).init(key, jnp.zeros((1, 8)))
-    y_wide = apply(variables, jax.tree.map(lambda p: p[..., None], wide))
-    print("same UNF on a 8-48-40-4 MLP: output shapes",
-          jax.tree.map(lambda a: a.shape, y_wide)["params"]["Dense_1"])
 
 
 if __name__ == "__main__":

@@ -349,3 +349,21 @@ def write_summary_csv(rows: list[dict], path) -> Path:
     from meta_train.evaluation import write_csv
 
     return write_csv(rows, path)
+
+
+def merge_summary_csv(rows: list[dict], path) -> list[dict]:
+    """Write ``rows`` (``evaluate_task``) into the summary CSV at ``path``, keeping the rows
+    it holds of the tasks and horizons not in ``rows``; returns all its rows, in the order of
+    ``PROTOCOLS`` and then of the horizon (the rows kept from the file as read: text)."""
+    import csv
+
+    path = Path(path)
+    done = {(r["task"], str(r["horizon"])) for r in rows}
+    if path.exists():  # keep the rows of tasks and horizons not evaluated now
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if (r["task"], r["horizon"]) not in done] + rows
+    order = list(PROTOCOLS)
+    rows.sort(key=lambda r: (order.index(r["task"]) if r["task"] in order else len(order),
+                             int(r["horizon"])))
+    write_summary_csv(rows, path)
+    return rows
