@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from meta_train.config import CHOICES, ConfigError, MetaTrainConfig
+from meta_train.config import CHOICES, SECTIONS, ConfigError, MetaTrainConfig
 
 _SINGULAR = {"task_args": "task-arg", "optimizer_args": "optimizer-arg"}
 JOIN_TIMEOUT_S = 120.0  # --join-timeout default: how long processes wait for each other
@@ -55,28 +55,30 @@ def make_parser() -> argparse.ArgumentParser:
         "Writes OUT/config.json, OUT/metrics.jsonl, OUT/checkpoints/, OUT/wandb/ and the "
         "final optimizer OUT/optimizer (learned_opt.load_optax reads it).",
     )
+    groups = {name: parser.add_argument_group(f"{name} options") for name in SECTIONS}
     for f in dataclasses.fields(MetaTrainConfig):
+        group = groups[f.metadata["section"]]
         help_text = f.metadata["help"]
         if f.name in names:
             help_text += f"; one of: {', '.join(names[f.name])}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if f.name in _SINGULAR:
-            parser.add_argument(f"--{_SINGULAR[f.name]}", dest=f.name, type=key_value,
-                                action="append", default=None, metavar="KEY=VALUE",
-                                help=f"{help_text} (repeatable)")
+            group.add_argument(f"--{_SINGULAR[f.name]}", dest=f.name, type=key_value,
+                               action="append", default=None, metavar="KEY=VALUE",
+                               help=f"{help_text} (repeatable)")
         elif f.name == "resume":
-            parser.add_argument("--resume", dest="resume", action="store_const", const=True,
-                                default=None, help=help_text)
+            group.add_argument("--resume", dest="resume", action="store_const", const=True,
+                               default=None, help=help_text)
         elif f.type in ("bool", bool):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction,
-                                help=f"{help_text} (default: {default})")
+            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                               action=argparse.BooleanOptionalAction,
+                               help=f"{help_text} (default: {default})")
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             choices = CHOICES.get(f.name)
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
-                                default=None, choices=choices,
-                                help=f"{help_text} (default: {default})")
+            group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind,
+                               default=None, choices=choices,
+                               help=f"{help_text} (default: {default})")
     add_data_dir_flag(parser)
     add_process_flags(parser)
     return parser

@@ -1,7 +1,10 @@
 """The typed configuration of a meta-training run (saved as ``DIR/config.json``).
 
 Every field is a command-line flag of ``python -m meta_train`` (``--outer-steps`` for
-``outer_steps``); its help text is the field's ``help`` metadata.
+``outer_steps``); its help text is the field's ``help`` metadata. Fields belong to the sections
+``task``, ``optimizer``, ``estimator`` (with the outer optimizer and the seed) and ``run`` (how
+and where it runs); ``config.json`` holds them by section, and a resumed run must keep every
+option outside ``run`` (``trajectory_fields``).
 
 Example:
   >>> cfg = MetaTrainConfig(task="mlp_fmnist", optimizer="unf", outer_steps=10)
@@ -9,6 +12,8 @@ Example:
   ('pes', 16, 0.01)
   >>> MetaTrainConfig.from_json(cfg.to_json()) == cfg
   True
+  >>> sorted(cfg.sections()["task"]), "outer_steps" in cfg.trajectory_fields()
+  (['task', 'task_args'], False)
 """
 
 from __future__ import annotations
@@ -33,56 +38,78 @@ class ConfigError(ValueError):
     """A meta-training option is invalid or incompatible with another one."""
 
 
-def _field(default, help: str, **kw):
+# config.json's sections, in order. Every option outside "run" defines the trajectory: a resumed
+# run must keep it (``trajectory_fields``).
+SECTIONS = ("task", "optimizer", "estimator", "run")
+
+
+def _field(default, help: str, section: str):
+    meta = {"help": help, "section": section}
     if isinstance(default, dict):
-        return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+        return dataclasses.field(default_factory=lambda: dict(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _task(default, help):
+    return _field(default, help, "task")
+
+
+def _opt(default, help):
+    return _field(default, help, "optimizer")
+
+
+def _est(default, help):
+    return _field(default, help, "estimator")
+
+
+def _run(default, help):
+    return _field(default, help, "run")
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaTrainConfig:
     """Options of one meta-training run; see each field's ``help``."""
 
-    task: str = _field("mlp_fmnist", "task name (tasks.list_tasks()), or several separated by "
+    task: str = _task("mlp_fmnist", "task name (tasks.list_tasks()), or several separated by "
                        "commas: one weight-space-agnostic optimizer meta-trained on all of them, "
                        "the population split evenly across them")
-    task_args: dict = _field({}, "task config overrides, KEY=VALUE (VALUE parsed as JSON); with "
+    task_args: dict = _task({}, "task config overrides, KEY=VALUE (VALUE parsed as JSON); with "
                              "several tasks, TASK={...} per task")
-    optimizer: str = _field("unf", "learned optimizer method (learned_opt.list_optimizers())")
-    optimizer_args: dict = _field({}, "learned optimizer config overrides, KEY=VALUE")
-    estimator: str = _field("pes", "meta-gradient estimator: pes (truncated) or es (full unroll)")
-    population: int = _field(16, "number of perturbed inner runs (even: antithetic pairs)")
-    truncation: int = _field(20, "K: inner steps per outer step (pes)")
-    horizon: int = _field(200, "T: inner steps of an episode (a multiple of K for pes)")
-    min_horizon: int = _field(0, "pes: draw each episode's length log-uniformly in [min_horizon, "
+    optimizer: str = _opt("unf", "learned optimizer method (learned_opt.list_optimizers())")
+    optimizer_args: dict = _opt({}, "learned optimizer config overrides, KEY=VALUE")
+    estimator: str = _est("pes", "meta-gradient estimator: pes (truncated) or es (full unroll)")
+    population: int = _est(16, "number of perturbed inner runs (even: antithetic pairs)")
+    truncation: int = _est(20, "K: inner steps per outer step (pes)")
+    horizon: int = _est(200, "T: inner steps of an episode (a multiple of K for pes)")
+    min_horizon: int = _est(0, "pes: draw each episode's length log-uniformly in [min_horizon, "
                               "horizon] (rounded to a multiple of K); 0: every episode T long")
-    outer_steps: int = _field(1000, "number of outer (meta-parameter) updates")
-    outer_lr: float = _field(3e-3, "learning rate of the outer Adam")
-    outer_schedule: str = _field("constant", "outer learning-rate schedule: constant or cosine "
+    outer_steps: int = _run(1000, "number of outer (meta-parameter) updates")
+    outer_lr: float = _est(3e-3, "learning rate of the outer Adam")
+    outer_schedule: str = _est("constant", "outer learning-rate schedule: constant or cosine "
                                  "(decays to 10%% of outer_lr at outer_steps)")
-    outer_weight_decay: float = _field(0.0, "decoupled weight decay of the outer optimizer "
+    outer_weight_decay: float = _est(0.0, "decoupled weight decay of the outer optimizer "
                                        "(AdamW; 0: Adam)")
-    clip: float = _field(1.0, "global-norm clipping of the ES gradient before Adam")
-    std: float = _field(0.01, "perturbation standard deviation")
-    objective: str = _field("mean", "meta-objective: mean (training loss over each unroll), "
+    clip: float = _est(1.0, "global-norm clipping of the ES gradient before Adam")
+    std: float = _est(0.01, "perturbation standard deviation")
+    objective: str = _est("mean", "meta-objective: mean (training loss over each unroll), "
                             "mean_log (its logarithm: late-training gains weigh as much as "
                             "early ones) or final (training loss at the end of the horizon)")
-    fitness_shaping: str = _field("raw", "raw or centered_rank")
-    loss_cap: float = _field(0.0, "per-step inner loss cap (NaN/inf count as the cap); 0: 3x "
+    fitness_shaping: str = _est("raw", "raw or centered_rank")
+    loss_cap: float = _est(0.0, "per-step inner loss cap (NaN/inf count as the cap); 0: 3x "
                              "the task's mean initial loss, measured at start")
-    seed: int = _field(0, "seed: fixes meta-initialisation, perturbations, task inits and data")
-    shard: bool = _field(True, "shard the population over all devices (1-D mesh)")
-    member_loop: str = _field("auto", "how each device advances its members: vmap (batched), "
+    seed: int = _est(0, "seed: fixes meta-initialisation, perturbations, task inits and data")
+    shard: bool = _run(True, "shard the population over all devices (1-D mesh)")
+    member_loop: str = _run("auto", "how each device advances its members: vmap (batched), "
                               "map (one after another: faster on CPU) or auto (map on CPU, "
                               "vmap elsewhere); same results to float rounding")
-    out: str = _field("runs/meta_train", "run directory (config, metrics, checkpoints, optimizer)")
-    resume: bool = _field(False, "continue the run in --out from its latest checkpoint")
-    checkpoint_every: int = _field(100, "save a training checkpoint every N outer steps")
-    snapshot_every: int = _field(0, "also keep the optimizer (its mean meta-parameters) every N "
+    out: str = _run("runs/meta_train", "run directory (config, metrics, checkpoints, optimizer)")
+    resume: bool = _run(False, "continue the run in --out from its latest checkpoint")
+    checkpoint_every: int = _run(100, "save a training checkpoint every N outer steps")
+    snapshot_every: int = _run(0, "also keep the optimizer (its mean meta-parameters) every N "
                                  "outer steps in OUT/snapshots/step_N, for selection on "
                                  "validation seeds; 0: none")
-    wandb: str = _field("offline", "wandb mode: online, offline or disabled")
-    wandb_project: str = _field("learned-opt", "wandb project name")
+    wandb: str = _run("offline", "wandb mode: online, offline or disabled")
+    wandb_project: str = _run("learned-opt", "wandb project name")
 
     def __post_init__(self):
         # Tuples become lists, as after a round trip through config.json, so that a resumed
@@ -163,24 +190,38 @@ class MetaTrainConfig:
         so that a resumed run checks the trajectory options and takes the others from it)."""
         return {f.name for f in dataclasses.fields(cls)}
 
-    # Fields that define the trajectory: a resumed run must keep them.
-    RUN_FIELDS = (
-        "task", "task_args", "optimizer", "optimizer_args", "estimator", "population",
-        "truncation", "horizon", "min_horizon", "outer_lr", "outer_schedule",
-        "outer_weight_decay", "clip", "std", "objective",
-        "fitness_shaping", "loss_cap", "seed",
-    )
+    def trajectory_fields(self) -> tuple[str, ...]:
+        """The options that define the run's trajectory (a resumed run must keep them): every
+        option outside the "run" section, and ``outer_steps`` under the cosine outer schedule
+        (its length)."""
+        names = [f.name for f in dataclasses.fields(self) if f.metadata["section"] != "run"]
+        return tuple(names + ["outer_steps"] * (self.outer_schedule == "cosine"))
+
+    def sections(self) -> dict[str, dict]:
+        """The options by section (``SECTIONS``), as ``config.json`` holds them."""
+        out = {name: {} for name in SECTIONS}
+        for f in dataclasses.fields(self):
+            out[f.metadata["section"]][f.name] = getattr(self, f.name)
+        return out
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.sections(), indent=2, sort_keys=False)
 
     @classmethod
-    def from_json(cls, text: str) -> MetaTrainConfig:
+    def from_json(cls, text: str, source: str = "config") -> MetaTrainConfig:
+        """Read ``to_json``'s sections, or the flat layout of runs written before sections."""
         data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        if set(data) <= set(SECTIONS) and all(isinstance(v, dict) for v in data.values()):
+            fields = {f.name: f.metadata["section"] for f in dataclasses.fields(cls)}
+            misplaced = sorted(f"{sec}.{k}" for sec, opts in data.items() for k in opts
+                               if fields.get(k, sec) != sec)
+            if misplaced:
+                raise ConfigError(f"{source}: option(s) {misplaced} in the wrong section (each "
+                                  "option's section: MetaTrainConfig().sections())")
+            data = {k: v for opts in data.values() for k, v in opts.items()}
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}")
+            raise ConfigError(f"{source}: unknown config field(s) {unknown}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> MetaTrainConfig:

@@ -42,7 +42,7 @@ def resume_step(config: MetaTrainConfig) -> int | None:
 
 
 def check_same_run(built: MetaTrainConfig, config: MetaTrainConfig) -> None:
-    for name in MetaTrainConfig.RUN_FIELDS + ("shard", "member_loop"):
+    for name in config.trajectory_fields() + ("shard", "member_loop"):
         a, b = getattr(built, name), getattr(config, name)
         if a != b and not (name == "loss_cap" and b == 0):
             raise ConfigError(f"setup was built with {name}={a!r}, the config has {b!r}")
@@ -51,27 +51,32 @@ def check_same_run(built: MetaTrainConfig, config: MetaTrainConfig) -> None:
 def resolve_resume(config: MetaTrainConfig, given: set[str] | None) -> MetaTrainConfig:
     """Merge a resumed run's stored config with the flags given now (``given`` = their names).
 
-    Flags that define the trajectory must match the stored ones; the others (outer_steps,
-    checkpoint_every, wandb, ...) may change, and keep their stored values when not given.
+    Flags that define the trajectory (``trajectory_fields``) must match the stored ones; the
+    others (outer_steps under a constant outer schedule, checkpoint_every, wandb, ...) may
+    change, and keep their stored values when not given.
     """
-    stored = MetaTrainConfig.from_json((Path(config.out) / "config.json").read_text())
-    in_checkpoint = MetaTrainConfig.from_json(json.dumps(checkpoint.latest(config.out)["config"]))
-    for name in MetaTrainConfig.RUN_FIELDS:  # a config.json edited or copied from another run
+    path = Path(config.out) / "config.json"
+    stored = MetaTrainConfig.from_json(path.read_text(), str(path))
+    in_checkpoint = MetaTrainConfig.from_json(json.dumps(checkpoint.latest(config.out)["config"]),
+                                              f"{Path(config.out) / 'checkpoints'}/latest.json")
+    trajectory = stored.trajectory_fields()
+    for name in trajectory:  # a config.json edited or copied from another run
         if getattr(in_checkpoint, name) != getattr(stored, name):
             raise ConfigError(
                 f"--resume: {name}={getattr(stored, name)!r} in {Path(config.out) / 'config.json'}"
                 f" differs from the checkpoint's {getattr(in_checkpoint, name)!r} "
                 f"({Path(config.out) / 'checkpoints' / 'latest.json'})")
-    for name in MetaTrainConfig.RUN_FIELDS:
+    for name in trajectory:
         if name in (given or ()) and getattr(config, name) != getattr(stored, name):
+            why = " (it sets the cosine outer schedule's length)" if name == "outer_steps" else ""
             raise ConfigError(
                 f"--resume: {name}={getattr(config, name)!r} differs from the run's "
-                f"{getattr(stored, name)!r} in {Path(config.out) / 'config.json'}"
+                f"{getattr(stored, name)!r} in {path}{why}"
             )
     # The other options keep their stored values unless given again (given=None: the API
     # caller's config is taken as given in full).
     free = {f.name: getattr(config, f.name) for f in dataclasses.fields(MetaTrainConfig)
-            if f.name not in MetaTrainConfig.RUN_FIELDS
+            if f.name not in trajectory
             and (given is None or f.name in given or f.name in ("out", "resume"))}
     return stored.replace(**free)
 
@@ -136,4 +141,5 @@ def sigterm_as_interrupt():
 
 def load_run_config(run_dir) -> MetaTrainConfig:
     """The config of a run directory."""
-    return MetaTrainConfig.from_json((Path(run_dir) / "config.json").read_text())
+    path = Path(run_dir) / "config.json"
+    return MetaTrainConfig.from_json(path.read_text(), str(path))

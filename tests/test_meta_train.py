@@ -304,7 +304,8 @@ def test_cli_writes_run_dir_metrics_checkpoint_and_optimizer(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"outer step compiled in \d+\.\d s", proc.stdout + proc.stderr)
     config = json.loads((out / "config.json").read_text())
-    assert config["population"] == 4 and config["loss_cap"] > 0
+    assert list(config) == ["task", "optimizer", "estimator", "run"]
+    assert config["estimator"]["population"] == 4 and config["estimator"]["loss_cap"] > 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(5))
     for key in ("meta_loss", "alpha", "beta", "decay", "grad_norm", "nonfinite",
@@ -713,6 +714,29 @@ def test_resume_refuses_a_config_json_of_another_run(pes_setup, tmp_path):
     path.write_text(path.read_text().replace('"std": 0.05', '"std": 0.07'))
     with pytest.raises(ConfigError, match="std=0.07.*differs from the checkpoint's 0.05"):
         meta_train(cfg.replace(resume=True, outer_steps=3), progress=False)
+
+
+def test_config_sections_old_flat_configs_and_the_cosine_length(pes_setup, tmp_path):
+    cfg = pes_setup.config
+    sections = json.loads(cfg.to_json())
+    # Runs written before sections stored a flat config.json: it still reads.
+    flat = {k: v for opts in sections.values() for k, v in opts.items()}
+    assert MetaTrainConfig.from_json(json.dumps(flat)) == cfg
+    sections["run"]["std"] = sections["estimator"].pop("std")
+    with pytest.raises(ConfigError, match=r"x.json: option\(s\) \['run.std'\] in the wrong"):
+        MetaTrainConfig.from_json(json.dumps(sections), "x.json")
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['stdd'\]"):
+        MetaTrainConfig.from_json(json.dumps(flat | {"stdd": 1}))
+    # Only the run section may change on resume; outer_steps too, unless it sets the length of
+    # a cosine outer schedule.
+    assert set(cfg.trajectory_fields()) == set(MetaTrainConfig.field_names()) - set(
+        json.loads(cfg.to_json())["run"])
+    out = tmp_path / "cos"
+    cos = cfg.replace(outer_steps=2, out=str(out), outer_schedule="cosine")
+    meta_train(cos, progress=False)
+    with pytest.raises(ConfigError, match="outer_steps=3 differs.*cosine outer schedule"):
+        meta_train(cos.replace(resume=True, outer_steps=3), progress=False,
+                   given={"outer_steps", "out", "resume"})
 
 
 def test_resume_keeps_the_stored_options_the_command_line_does_not_repeat(pes_setup, tmp_path):
