@@ -326,7 +326,10 @@ def _evaluate_method(task, mdir: Path, method: str, steps: int, seeds: list,
     from meta_train.train import initial_meta_params
 
     lopt, meta = learned_opt.load(mdir / "optimizer")
-    init = initial_meta_params(lopt, _read_json(mdir / "meta_train.json")["config"]["seed"])
+    from meta_train.config import MetaTrainConfig
+
+    stored = json.dumps(_read_json(mdir / "meta_train.json")["config"])  # flat or by section
+    init = initial_meta_params(lopt, MetaTrainConfig.from_json(stored).seed)
     metas = {method: meta, f"{method} (initialisation)": init}
     report = evaluation.evaluate(
         task, {name: evaluation.Candidate(lambda steps, m=m: lopt.as_optax(m, num_steps=steps))
