@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any
@@ -50,20 +51,7 @@ def _field(default, help: str, section: str):
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _task(default, help):
-    return _field(default, help, "task")
-
-
-def _opt(default, help):
-    return _field(default, help, "optimizer")
-
-
-def _est(default, help):
-    return _field(default, help, "estimator")
-
-
-def _run(default, help):
-    return _field(default, help, "run")
+_task, _opt, _est, _run = (functools.partial(_field, section=name) for name in SECTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
