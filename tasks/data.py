@@ -45,6 +45,7 @@ TEXT_FILE = "text/tiny_shakespeare.txt"
 # The 8x8 Fashion-MNIST images are stored as sums of 4x4 pixel blocks (exact in uint16); the
 # sampler multiplies by this to get the block mean of pixels / 255.
 FMNIST_8X8_SCALE = 1.0 / (16 * 255)
+FMNIST_RESOLUTIONS = (8, 28)  # 8: 4x4 block sums of the zero-padded image; 28: the files' pixels
 TEST_FRACTION = 0.1  # last 10% of a text corpus is its test split
 LM1B_MAX_BYTES = 1 << 24  # online lm1b: the first 16 MiB of sentences of each split
 
@@ -147,7 +148,10 @@ def downsample_fmnist(images: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
-def _load_fashion_mnist(data_dir: Path | None) -> dict:
+def _load_fashion_mnist(data_dir: Path | None, resolution: int = 8) -> dict:
+    if resolution not in FMNIST_RESOLUTIONS:
+        raise ValueError(f"Fashion-MNIST resolution={resolution!r}: choose from "
+                         f"{FMNIST_RESOLUTIONS}")
     out = {}
     for split, (img_name, lab_name) in FASHION_MNIST_FILES.items():
         if data_dir is not None:
@@ -164,16 +168,18 @@ def _load_fashion_mnist(data_dir: Path | None) -> dict:
             items = [src[i] for i in range(len(src))]
             images = np.stack([np.asarray(ex["image"])[..., 0] for ex in items])
             labels = np.asarray([ex["label"] for ex in items])
-        out[split] = {"inputs": downsample_fmnist(images), "labels": labels.astype(np.int32)}
+        inputs = downsample_fmnist(images) if resolution == 8 else images
+        out[split] = {"inputs": inputs, "labels": labels.astype(np.int32)}
     return out
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict:
-    """Fashion-MNIST at 8x8: ``{split: {"inputs": uint16 [N, 8, 8] block sums, "labels"}}``.
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None, resolution: int = 8) -> dict:
+    """Fashion-MNIST: ``{split: {"inputs", "labels"}}``; at ``resolution=8`` (the tasks' size)
+    the inputs are uint16 [N, 8, 8] block sums, at 28 the files' uint8 [N, 28, 28] pixels.
 
     Images are in the files' order (the first training label is 9, "ankle boot").
     """
-    return _load_fashion_mnist(resolve_data_dir(data_dir))
+    return _load_fashion_mnist(resolve_data_dir(data_dir), resolution)
 
 
 @functools.cache

@@ -42,6 +42,14 @@ def test_fashion_mnist_offline_loader_reads_the_real_files():
     # Block means of pixels / 255 are in [0, 1] and images are not blank.
     pixels = train["inputs"][:100] * datasets.FMNIST_8X8_SCALE
     assert pixels.max() <= 1.0 and pixels.mean() > 0.1
+    # The 28x28 files' pixels, whose padded 4x4 block sums are the 8x8 inputs.
+    full = datasets.load_fashion_mnist(DATA_DIR, resolution=28)
+    assert full["test"]["inputs"].shape == (10000, 28, 28)
+    np.testing.assert_array_equal(full["train"]["labels"], train["labels"])
+    np.testing.assert_array_equal(datasets.downsample_fmnist(full["train"]["inputs"][:50]),
+                                  train["inputs"][:50])
+    with pytest.raises(ValueError, match="resolution=16.*choose from"):
+        datasets.load_fashion_mnist(DATA_DIR, resolution=16)
 
 
 def test_downsample_is_the_area_average_of_the_padded_image():
