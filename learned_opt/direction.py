@@ -175,10 +175,9 @@ def schedule_value(cfg: DirectionConfig, step: jax.Array, num_steps) -> jax.Arra
 
 
 # ----------------------------------------------------------------------------- statistics
-def _rms_normalise(x: jax.Array) -> jax.Array:
-    """Each channel (last axis) divided by its RMS over the tensor's elements."""
-    axes = tuple(range(x.ndim - 1))
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + _TINY)
+def _rms_normalised(x: jax.Array) -> jax.Array:
+    """``x`` divided by its RMS over the tensor."""
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x)) + _TINY)
 
 
 def _rsqrt_rel(v: jax.Array) -> jax.Array:
@@ -209,8 +208,10 @@ def _update_leaf(cfg: DirectionConfig, g, m, v, row, col) -> tuple:
     return m, v, row, col
 
 
-def _features(p, g, m, v, row, col) -> jax.Array:
-    """The ``FEATURES`` of one leaf, RMS-normalised per tensor: ``leaf_shape + (15,)``."""
+def _features(p, g, m, v, row, col) -> list[jax.Array]:
+    """The ``FEATURES`` of one leaf, each RMS-normalised over the tensor: one array of the
+    leaf's shape per feature (separate arrays, not one stacked array, so that XLA computes
+    features and network in one fused pass over the tensor)."""
     rv = _rsqrt_rel(v)
     if g.ndim >= 2:
         # Adafactor's estimate of v: row x col / mean(row), and its two factors broadcast.
@@ -221,9 +222,10 @@ def _features(p, g, m, v, row, col) -> jax.Array:
     else:
         v_fac, row_b, col_b = row, row, row
     rf = _rsqrt_rel(v_fac)
-    chans = [g, p, m[..., 0], m[..., 1], m[..., 2], v, m[..., 0] * rv, m[..., 1] * rv,
-             m[..., 2] * rv, rv, g * rv, g * rf, m[..., 0] * rf, row_b, col_b]
-    return _rms_normalise(jnp.stack(chans, axis=-1))
+    m0, m1, m2 = m[..., 0], m[..., 1], m[..., 2]
+    chans = [g, p, m0, m1, m2, v, m0 * rv, m1 * rv, m2 * rv, rv, g * rv, g * rf, m0 * rf,
+             row_b, col_b]
+    return [_rms_normalised(c) for c in chans]
 
 
 def _adam_direction(cfg: DirectionConfig, m, row, step) -> jax.Array:
@@ -245,11 +247,30 @@ def _adam_rms(cfg: DirectionConfig, m, v, step) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- network
+class ChannelDense(nn.Module):
+    """``nn.Dense`` on a list of channel arrays, with its parameters (``kernel [in, out]``,
+    ``bias [out]``, same initialisers): output ``j`` is ``bias_j + sum_k kernel_kj x_k``.
+
+    Elementwise sums let XLA fuse features and network into one pass over each tensor; the
+    same layer as a ``[N, in] x [in, out]`` matmul on a stacked array costs 10-15x more on a CPU
+    (``scripts/bench_optimizers.py``).
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, xs: list[jax.Array]) -> list[jax.Array]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (len(xs), self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return [bias[j] + sum(kernel[k, j] * x for k, x in enumerate(xs))
+                for j in range(self.features)]
+
+
 class DirectionNetwork(nn.Module):
     """Per-parameter layers on ``FEATURES``, then the readout; plus a linear skip.
 
-    Input: a list of feature arrays ``leaf_shape + (len(FEATURES),)``; output: a list of
-    arrays ``leaf_shape`` (before the per-tensor normalisation).
+    Input: per leaf, the list of its ``FEATURES`` arrays (``leaf_shape`` each); output: one
+    array ``leaf_shape`` per leaf (before the per-tensor normalisation).
     """
 
     layer: str
@@ -257,25 +278,36 @@ class DirectionNetwork(nn.Module):
     num_hidden: int
 
     @nn.compact
-    def __call__(self, xs: list[jax.Array], spec: PyTree) -> list[jax.Array]:
-        sizes = [math.prod(x.shape[:-1]) for x in xs]
-        flat = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in xs], axis=0)
-        skip = flat @ self.param("skip", _skip_init, (flat.shape[-1],))
+    def __call__(self, xs: list[list[jax.Array]], spec: PyTree) -> list[jax.Array]:
+        skip_w = self.param("skip", _skip_init, (len(FEATURES),))
+        if LAYERS[self.layer] is None:
+            # Leaf by leaf on channel lists: features and network fuse into one pass each.
+            dense = [ChannelDense(self.hidden_features, name=f"dense_{i}")
+                     for i in range(self.num_hidden)]
+            readout = ChannelDense(1, name="readout")
+            outs = []
+            for chans in xs:
+                h = chans
+                for layer in dense:
+                    h = [nn.relu(a) for a in layer(h)]
+                outs.append(sum(skip_w[k] * c for k, c in enumerate(chans)) + readout(h)[0])
+            return outs
+        # Before a weight-space readout: every leaf in one [N, channels] array, so that the
+        # per-parameter layers are a few large ops and the readout gets [..., hidden] leaves.
+        shapes = [chans[0].shape for chans in xs]
+        flat = jnp.concatenate([jnp.stack(chans, axis=-1).reshape(-1, len(chans))
+                                for chans in xs])
         h = flat
         for i in range(self.num_hidden):
             h = nn.relu(nn.Dense(self.hidden_features, name=f"dense_{i}")(h))
-        if LAYERS[self.layer] is None:
-            out = nn.Dense(1, name="readout")(h)[:, 0]
-        else:
-            parts = jnp.split(h, np.cumsum(sizes)[:-1], axis=0)
-            tree = jax.tree.unflatten(jax.tree.structure(spec, is_leaf=is_spec_leaf),
-                                      [p.reshape(x.shape[:-1] + (h.shape[-1],))
-                                       for p, x in zip(parts, xs, strict=True)])
-            y = LAYERS[self.layer](1, name="readout")(tree, spec)
-            out = jnp.concatenate([a.reshape(-1) for a in jax.tree.leaves(y)])
-        out = skip + out
-        return [o.reshape(x.shape[:-1])
-                for o, x in zip(jnp.split(out, np.cumsum(sizes)[:-1]), xs, strict=True)]
+        ends = np.cumsum([math.prod(s) for s in shapes])[:-1]
+        tree = jax.tree.unflatten(jax.tree.structure(spec, is_leaf=is_spec_leaf),
+                                  [p.reshape(s + (h.shape[-1],))
+                                   for p, s in zip(jnp.split(h, ends), shapes, strict=True)])
+        y = LAYERS[self.layer](1, name="readout")(tree, spec)
+        skip = jnp.split(flat @ skip_w, ends)
+        return [sk.reshape(s) + a[..., 0]
+                for sk, s, a in zip(skip, shapes, jax.tree.leaves(y), strict=True)]
 
 
 def _skip_init(key, shape, dtype=jnp.float32):

@@ -71,7 +71,7 @@ class DirectionOptimizer:
         c = self.config
 
         def init(key):
-            xs = [jnp.zeros(shape + (len(FEATURES),), jnp.float32)
+            xs = [[jnp.zeros(shape, jnp.float32)] * len(FEATURES)
                   for shape in self.weight_space.shapes]
             net = DirectionNetwork(c.layer, c.hidden_features, c.num_hidden)
             params = net.init(key, xs, self.net_spec)["params"]

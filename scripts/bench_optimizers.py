@@ -10,6 +10,8 @@ Usage:
   python scripts/bench_optimizers.py --tasks mlp_fmnist --methods unf        # a subset
   python scripts/bench_optimizers.py --counts-only                           # counts table only
   python scripts/bench_optimizers.py --profile mlp_fmnist transformer_lm     # where time goes
+  python scripts/bench_optimizers.py --tasks mlp_fmnist28_10m --methods direction_unf \
+      --optimizer-arg magnitude=adam                     # a held-out architecture, options
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import optax
 import learned_opt
 import tasks
 from learned_opt.direction import METHODS as DIRECTION_METHODS
+from meta_train.cli import key_value
+from meta_train.experiments.heldout import get_architecture
 from meta_train.inner import train_steps
 
 # Sizes of f reported by the paper (alpha, beta and decay included).
@@ -39,13 +43,13 @@ METHODS = ("sgdm", "deepset", "unf", "nfn", "unf_deep")
 NFN_TASKS = ("mlp_fmnist", "cnn_cifar10")
 
 
-def count_table(task_names, methods):
+def count_table(task_names, methods, options=None):
     print("\n## Meta-parameter counts (alpha, beta, decay included)\n")
     print("| task | method | task spec, fixed axes relaxed (default) | fixed axes as channels "
           "| paper's spec | paper |")
     print("|---|---|---|---|---|---|")
     for name in task_names:
-        task = tasks.get_task(name)
+        task = get_architecture(name)
         params = jax.eval_shape(task.init, jax.random.key(0))
         for method in methods:
             if method == "nfn" and name not in NFN_TASKS:
@@ -59,9 +63,10 @@ def count_table(task_names, methods):
                 if method in DIRECTION_METHODS and mode == "channels":
                     cells.append("-")  # always relaxed: one meta-parameter set for any space
                     continue
-                options = {} if method in DIRECTION_METHODS else {"fixed_axes": mode}
+                kwargs = ((options or {}) if method in DIRECTION_METHODS
+                          else {"fixed_axes": mode})
                 try:
-                    lopt = learned_opt.learned_optimizer(method, params, spec, **options)
+                    lopt = learned_opt.learned_optimizer(method, params, spec, **kwargs)
                     cells.append(f"{lopt.num_meta_params():,}")
                 except Exception as e:  # report, do not hide, what cannot be built
                     cells.append(f"error: {type(e).__name__}")
@@ -114,13 +119,13 @@ def time_round_robin(runs, steps, repeats):
         r["step_ms"] = 1e3 * min(times[label])
 
 
-def speed_table(task_names, methods, steps, repeats):
+def speed_table(task_names, methods, steps, repeats, options=None):
     print(f"\n## Step time ({steps} steps per jitted scan, minimum over {repeats} interleaved "
           "rounds; ratio to optax.adam measured in the same process)\n")
     print("| task | optimizer | step ms | / adam | compile s | / adam | state floats/param |")
     print("|---|---|---|---|---|---|---|")
     for name in task_names:
-        task = tasks.get_task(name)
+        task = get_architecture(name)
         params = task.init(jax.random.key(0))
         # Forward + backward + plain SGD: the task's own share of a step.
         runs = {"task fwd+bwd+sgd": compile_optimizer(task, params, optax.sgd(1e-3), steps),
@@ -128,7 +133,8 @@ def speed_table(task_names, methods, steps, repeats):
         for method in methods:
             if method == "nfn" and name not in NFN_TASKS:
                 continue
-            lopt = learned_opt.learned_optimizer(method, params, task.perm_spec)
+            kwargs = (options or {}) if method in DIRECTION_METHODS else {}
+            lopt = learned_opt.learned_optimizer(method, params, task.perm_spec, **kwargs)
             tx = lopt.as_optax(lopt.init(jax.random.key(1)), perm_spec=task.perm_spec)
             runs[method] = compile_optimizer(task, params, tx, steps)
         time_round_robin(runs, steps, repeats)
@@ -231,10 +237,13 @@ def print_profile(name, c, params, members, times, mflop):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), help="task names")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS),
+                    help="task names or held-out architectures")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), help="learned optimizers")
     ap.add_argument("--steps", type=int, default=20, help="inner steps per timed scan")
     ap.add_argument("--repeats", type=int, default=10, help="timed rounds (minimum reported)")
+    ap.add_argument("--optimizer-arg", type=key_value, action="append", default=[],
+                    metavar="KEY=VALUE", help="DirectionConfig option of the direction_* methods")
     ap.add_argument("--counts-only", action="store_true", help="only the count table")
     ap.add_argument("--profile", nargs="*", default=[], metavar="TASK",
                     help="only profile the parts of a unf update on these tasks")
@@ -247,9 +256,10 @@ def main():
         for name in args.profile:
             profile_table(name, args.repeats, args.members)
         return
-    count_table(args.tasks, args.methods)
+    count_table(args.tasks, args.methods, dict(args.optimizer_arg))
     if not args.counts_only:
-        speed_table(args.tasks, args.methods, args.steps, args.repeats)
+        speed_table(args.tasks, args.methods, args.steps, args.repeats,
+                    dict(args.optimizer_arg))
 
 
 if __name__ == "__main__":

@@ -222,13 +222,16 @@ def test_family_tasks_are_registered_and_grey_cifar_is_the_block_mean():
     assert abs(loss - np.log(10)) < 0.5
 
 
-def test_shipped_direction_optimizer_trains_an_unseen_model_offline():
-    assert "direction_unf_family" in learned_opt.list_pretrained()
-    lopt, meta = learned_opt.load("direction_unf_family")
-    assert lopt.name == "direction_unf" and lopt.num_meta_params(meta) == 1851
+@pytest.mark.parametrize("shipped,method,count", [
+    ("direction_unf_family", "direction_unf", 1851),
+    ("direction_elementwise_family", "direction_elementwise", 224)])
+def test_shipped_direction_optimizer_trains_an_unseen_model_offline(shipped, method, count):
+    assert shipped in learned_opt.list_pretrained()
+    lopt, meta = learned_opt.load(shipped)
+    assert lopt.name == method and lopt.num_meta_params(meta) == count
     task = tasks.get_task("mlp_fmnist_tiny")  # no family member has this size
     params = task.init(jax.random.key(0))
-    tx = learned_opt.load_optax("direction_unf_family", num_steps=150)
+    tx = learned_opt.load_optax(shipped, num_steps=150)
 
     @jax.jit
     def step(params, state, key):
@@ -269,7 +272,10 @@ def test_masked_parts_of_a_weight_space_are_refused_clearly():
     shapes, _ = SPACES["mlp"]()
     params = random_tree(1, shapes, 0.5)
     kernels_only = jax.tree.map(lambda p: p.ndim == 2, params)
-    for name in learned_opt.list_pretrained():
+    needs_spec = [n for n in learned_opt.list_pretrained()
+                  if getattr(learned_opt.load(n)[0].config, "layer", None) != "none"]
+    assert "direction_unf_family" in needs_spec and "direction_elementwise_family" not in needs_spec
+    for name in needs_spec:
         for tx in (optax.masked(learned_opt.load_optax(name, num_steps=10), kernels_only),
                    optax.multi_transform(
                        {"lopt": learned_opt.load_optax(name, num_steps=10), "sgd": optax.sgd(0.1)},
@@ -350,3 +356,40 @@ def test_magnitude_adam_untrained_is_adam_and_trained_keeps_adams_rms():
     assert_trees_close(scaled, trained, rtol=2e-3, atol=1e-7)
     with pytest.raises(ValueError, match="magnitude must be one of"):
         learned_opt.learned_optimizer("direction_unf", params, spec, magnitude="lars")
+
+
+@pytest.mark.parametrize("name", ["direction_elementwise", "direction_unf"])
+def test_network_equals_a_stacked_matmul_mlp(name):
+    """Without a weight-space readout the network runs leaf by leaf on channel lists (for
+    speed); either way it must equal the plain per-parameter MLP on stacked features."""
+    params = {"d0": {"kernel": jnp.ones((64, 600)), "bias": jnp.ones(600)},
+              "d1": {"kernel": jnp.ones((600, 3)), "bias": jnp.ones(3)},
+              "d2": {"kernel": jnp.ones((3, 5)), "bias": jnp.ones(5)}}
+    lopt = learned_opt.learned_optimizer(name, params)
+    meta = perturbed_meta(lopt)["net"]
+    rng = np.random.default_rng(0)
+    xs = [[jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+           for _ in direction.FEATURES] for x in jax.tree.leaves(params)]
+    net = direction.DirectionNetwork(lopt.config.layer, lopt.config.hidden_features,
+                                     lopt.config.num_hidden)
+    got = net.apply({"params": meta}, xs, lopt.net_spec)
+    hidden = []
+    for chans in xs:
+        h = np.stack([np.asarray(c, np.float64) for c in chans], -1)
+        skip = h @ np.asarray(meta["skip"], np.float64)
+        for i in range(lopt.config.num_hidden):
+            layer = meta[f"dense_{i}"]
+            h = np.maximum(h @ np.asarray(layer["kernel"], np.float64) + layer["bias"], 0)
+        hidden.append((skip, h))
+    if name == "direction_elementwise":
+        want = [s + (h @ np.asarray(meta["readout"]["kernel"], np.float64))[..., 0]
+                + float(meta["readout"]["bias"][0]) for s, h in hidden]
+    else:  # the readout layer itself is tested elsewhere: apply it to the brute-force hidden
+        tree = jax.tree.unflatten(jax.tree.structure(params),
+                                  [jnp.asarray(h, jnp.float32) for _, h in hidden])
+        y = direction.UniversalUNFLinear(1).apply({"params": meta["readout"]}, tree,
+                                                  lopt.net_spec)
+        want = [s + np.asarray(a[..., 0]) for (s, _), a in
+                zip(hidden, jax.tree.leaves(y), strict=True)]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=2e-4, atol=2e-4)
