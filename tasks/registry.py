@@ -26,11 +26,13 @@ BYTE_VOCAB = 256
 # ----------------------------------------------------------------------------- configs
 @dataclasses.dataclass(frozen=True)
 class MLPConfig:
-    """Fashion-MNIST 8x8 (4x4 area average of the zero-padded 32x32 image), pixels / 255."""
+    """Fashion-MNIST, pixels / 255: at ``resolution=8`` the 4x4 area average of the zero-padded
+    32x32 image (the meta-training tasks), at 28 the files' pixels."""
 
     hidden_sizes: tuple[int, ...] = (32,)
     num_classes: int = 10
     batch_size: int = 128
+    resolution: int = 8
     data_source: str = ""
 
 
@@ -153,21 +155,22 @@ def transformer_lm_spec(num_blocks: int, paper: bool = False) -> dict:
 
 # ----------------------------------------------------------------------------- builders
 @functools.cache
-def device_data(loader: Callable, data_dir):
-    """Device copy of a dataset, made once per (loader, data directory) per process."""
-    return jax.tree.map(jnp.asarray, loader(data_dir))
+def device_data(loader: Callable, data_dir, **loader_options):
+    """Device copy of a dataset, made once per (loader, data directory, options) per process."""
+    return jax.tree.map(jnp.asarray, loader(data_dir, **loader_options))
 
 
 def build_mlp_fmnist(config: MLPConfig, data_dir=None) -> Task:
     source_dir = datasets.resolve_data_dir(data_dir)
-    data = device_data(datasets.load_fashion_mnist, source_dir)
+    r = config.resolution
+    data = device_data(datasets.load_fashion_mnist, source_dir, resolution=r)
     where = f"offline IDX files in {source_dir}" if source_dir else "tfds fashion_mnist"
-    config = dataclasses.replace(config, data_source=f"Fashion-MNIST 8x8 ({where})")
+    config = dataclasses.replace(config, data_source=f"Fashion-MNIST {r}x{r} ({where})")
     model = MLP(config.hidden_sizes, config.num_classes)
     n = len(config.hidden_sizes)
     return ClassificationTask(
         "mlp_fmnist", config, model, data, mlp_spec(n), mlp_spec(n, paper=True),
-        input_scale=datasets.FMNIST_8X8_SCALE,
+        input_scale=datasets.FMNIST_8X8_SCALE if r == 8 else 1.0 / 255,
     )
 
 

@@ -14,7 +14,6 @@ Example (minutes on a CPU)::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,10 +24,7 @@ import jax.numpy as jnp
 
 import tasks
 from learned_opt.infer import infer_perm_spec
-from tasks import data as datasets
 from tasks.base import ClassificationTask, LanguageModelTask
-from tasks.models import MLP
-from tasks.registry import device_data, mlp_spec
 
 
 class GRULM(nn.Module):
@@ -81,25 +77,6 @@ class ResidualMLPConfig:
     data_source: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
-class FullResolutionMLPConfig:
-    """Fashion-MNIST at the files' 28x28, pixels / 255 (the tasks use 8x8 block averages)."""
-
-    hidden_sizes: tuple[int, ...] = (1024,)
-    num_classes: int = 10
-    batch_size: int = 128
-    data_source: str = ""
-
-
-def _mlp_fmnist28(hidden_sizes: tuple[int, ...]):
-    source_dir = datasets.resolve_data_dir(None)
-    where = f"offline IDX files in {source_dir}" if source_dir else "tfds fashion_mnist"
-    cfg = FullResolutionMLPConfig(hidden_sizes, data_source=f"Fashion-MNIST 28x28 ({where})")
-    data = device_data(functools.partial(datasets.load_fashion_mnist, resolution=28), source_dir)
-    return ClassificationTask("mlp_fmnist28", cfg, MLP(hidden_sizes, cfg.num_classes), data,
-                              mlp_spec(len(hidden_sizes)), input_scale=1.0 / 255)
-
-
 def _gru_lm():
     text = tasks.get_task("rnn_lm")  # its data (the same byte streams)
     cfg = text.config  # the RNN task's sizes and data (RNNLMConfig): only the cell differs
@@ -116,6 +93,10 @@ def _residual_mlp():
                               residual_mlp_spec(cfg.blocks), input_scale=images.input_scale)
 
 
+def _mlp_fmnist28(*hidden_sizes: int):
+    return tasks.get_task("mlp_fmnist", hidden_sizes=hidden_sizes, resolution=28)
+
+
 # name -> (what differs from the meta-training tasks, builder)
 HELDOUT: dict[str, tuple[str, Callable]] = {
     "mlp_deep_wide": ("Fashion-MNIST MLP with 3 hidden layers of 128 (trained on: 1 of 32)",
@@ -130,9 +111,9 @@ HELDOUT: dict[str, tuple[str, Callable]] = {
                      "residual connections)", _residual_mlp),
     "mlp_fmnist28_1024": ("Fashion-MNIST at 28x28 (784 inputs), one hidden layer of 1024 "
                           "(trained on: 8x8 inputs, widths <= 128)",
-                          lambda: _mlp_fmnist28((1024,))),
+                          lambda: _mlp_fmnist28(1024)),
     "mlp_fmnist28_10m": ("Fashion-MNIST at 28x28, 3 hidden layers of 2048: 10.0M parameters "
-                         "(trained on: <= 0.02M)", lambda: _mlp_fmnist28((2048, 2048, 2048))),
+                         "(trained on: <= 0.02M)", lambda: _mlp_fmnist28(2048, 2048, 2048)),
 }
 
 
