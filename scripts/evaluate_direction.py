@@ -49,6 +49,9 @@ def parse_args(argv):
                         "learned_opt.hand_designed.ADAM_LR_GRID)")
     parser.add_argument("--wd-grid", nargs="+", type=float, default=None,
                         help="AdamW weight decays searched (default: hand_designed.WD_GRID)")
+    parser.add_argument("--scorecard", metavar="LABEL",
+                        help="also print issue 20's counts for this candidate over every "
+                             "finished cell under --out")
     parser.add_argument("--out", default="results/direction/heldout")
     add_data_dir_flag(parser)
     args = parser.parse_args(argv)
@@ -113,7 +116,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     apply_data_dir(args.data_dir)
     from meta_train.evaluation import BASELINES
-    from meta_train.experiments.heldout import direction_candidates, evaluate_candidates
+    from meta_train.experiments.heldout import (
+        direction_candidates,
+        evaluate_candidates,
+        scorecard,
+    )
 
     checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
     cands = (direction_candidates(checkpoints, args.lr_tuned,
@@ -133,6 +140,8 @@ def main(argv=None) -> int:
     text = table(rows)
     wide = wide_table(rows)
     print(f"{text}\n\n{wide}")
+    if args.scorecard:
+        print(f"\n{scorecard(rows, args.scorecard)}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.md").write_text(f"{text}\n\n{wide}\n")
     return 0

@@ -307,7 +307,12 @@ def test_heldout_architectures_have_true_specs():
         trained.add(str(jax.tree.map(lambda x: x.shape, shapes)))
     for name in list_heldout():
         task = get_heldout(name)
+        shapes = jax.eval_shape(task.init, jax.random.key(0))
+        assert str(jax.tree.map(lambda x: x.shape, shapes)) not in trained, name
+        if sum(x.size for x in jax.tree.leaves(shapes)) > 2_000_000:
+            # the 10M MLP: its spec must fit (a smaller MLP of the same builder is checked below)
+            learned_opt.spec.label_sizes(shapes, task.perm_spec)
+            continue
         params = task.init(jax.random.key(0))
-        assert str(jax.tree.map(jnp.shape, params)) not in trained, name
         batch = task.sample_batch(jax.random.key(1))
         learned_opt.check_perm_spec(task.apply, params, task.perm_spec, batch["inputs"][:4])

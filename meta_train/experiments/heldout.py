@@ -249,3 +249,36 @@ def evaluate_candidates(candidates: dict, names: Sequence[str], horizons: Sequen
                                                indent=2))
                 rows.append(json.loads(path.read_text())["row"])
     return rows
+
+
+def scorecard(rows: Sequence[dict], label: str, adamw: str = "adamw_cosine (tuned)",
+              adam: str = "adam (tuned)") -> str:
+    """Issue 20's two counts for candidate ``label`` over every (architecture, horizon) cell of
+    ``rows`` that has it and both references: cells where it beats tuned constant Adam (paired
+    mean difference < 0) and cells where it is within one standard error of tuned AdamW + cosine
+    or better (paired mean <= SE). A markdown table, then the counts.
+
+    >>> row = lambda name, losses: dict(architecture="a", horizon=10, optimizer=name,
+    ...                                 per_seed_final_train_loss=losses)
+    >>> text = scorecard([row("x", [1.0, 1.1]), row("adamw_cosine (tuned)", [1.0, 1.0]),
+    ...                   row("adam (tuned)", [1.2, 1.2])], "x")
+    >>> text.splitlines()[-1]
+    'x: beats tuned Adam on 1/1 cells; within 1 SE of tuned AdamW + cosine or better on 1/1'
+    """
+    from meta_train.evaluation import paired_difference
+
+    cells = {(r["architecture"], r["horizon"], r["optimizer"]): r["per_seed_final_train_loss"]
+             for r in rows if "per_seed_final_train_loss" in r}
+    lines = ["| architecture | T | vs tuned AdamW + cosine | vs tuned Adam |", "|---|---|---|---|"]
+    wins = close = total = 0
+    for arch, steps in dict.fromkeys((r["architecture"], r["horizon"]) for r in rows):
+        mine, ref_w, ref_a = (cells.get((arch, steps, n)) for n in (label, adamw, adam))
+        if mine is None or ref_w is None or ref_a is None:
+            continue
+        dw, da = paired_difference(mine, ref_w), paired_difference(mine, ref_a)
+        total, wins, close = total + 1, wins + (da["mean"] < 0), close + (dw["mean"] <= dw["se"])
+        lines.append(f"| {arch} | {steps} | {dw['mean']:+.4f} +- {dw['se']:.4f} | "
+                     f"{da['mean']:+.4f} +- {da['se']:.4f} |")
+    lines.append(f"\n{label}: beats tuned Adam on {wins}/{total} cells; within 1 SE of tuned "
+                 f"AdamW + cosine or better on {close}/{total}")
+    return "\n".join(lines)
