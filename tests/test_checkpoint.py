@@ -212,7 +212,7 @@ def test_shipped_optimizer_infers_the_spec_in_call_order():
         for name in learned_opt.list_pretrained():
             tx = learned_opt.load_optax(name, num_steps=10)
             state = tx.init(params)
-            updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+            updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
             assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates)), name
 
 
