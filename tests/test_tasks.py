@@ -50,6 +50,10 @@ def test_fashion_mnist_offline_loader_reads_the_real_files():
                                   train["inputs"][:50])
     with pytest.raises(ValueError, match="resolution=16.*choose from"):
         datasets.load_fashion_mnist(DATA_DIR, resolution=16)
+    # The MLP task at 28x28: 784 inputs of pixels / 255, the same labels.
+    task = get("mlp_fmnist", hidden_sizes=(4,), resolution=28)
+    assert task.init(jax.random.key(0))["Dense_0"]["kernel"].shape == (784, 4)
+    assert task.input_scale == pytest.approx(1 / 255) and "28x28" in task.config.data_source
 
 
 def test_downsample_is_the_area_average_of_the_padded_image():
