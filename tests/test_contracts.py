@@ -4,9 +4,13 @@ style: the registries drive the cases, so a newly registered one is checked with
 Optimizers, as optax transformations on a real task: ``update`` jits, returns updates shaped,
 typed and structured as the params, all finite; the new state has the old state's structure,
 shapes and dtypes (so it can be carried by ``lax.scan``); 30 steps lower the training loss; the
-meta-parameter count is the sum of the leaves' sizes. Tasks: the permutation spec covers every
+meta-parameter count is the sum of the leaves' sizes. Scripts: each imports and its
+``--help`` parses. Tasks: the permutation spec covers every
 parameter leaf with one entry per axis, and the loss at initialisation is a finite scalar.
 """
+
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -76,3 +80,18 @@ def test_every_task_has_a_complete_spec_and_a_finite_initial_loss(name, data_dir
     assert any(label is not None for axes in flat_spec for label in axes)
     loss = jax.jit(task.loss)(params, task.sample_batch(jax.random.key(1)))
     assert loss.shape == () and bool(jnp.isfinite(loss))
+
+
+SCRIPTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "scripts").glob("*.py")
+                 if "def main(argv" in p.read_text())
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)
+def test_every_script_imports_and_parses_help(path, capsys):
+    """Each entry point imports (its library imports resolve) and its parser builds."""
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
