@@ -23,8 +23,6 @@ from meta_train.cli import add_data_dir_flag, apply_data_dir
 from meta_train.tracking import WANDB_MODES
 
 SHIPPED = "direction_elementwise_family"
-RULE = "direction_elementwise"  # the shipped rule and its options (its optimizer.json)
-RULE_OPTIONS = {"magnitude": "adam", "learning_rate": 1e-2, "second_moment_decay": 0.999}
 ARCHITECTURE = "mlp_deep_wide"
 GRID = {"lr": (3e-3, 1e-2, 3e-2), "wd": (0.0, 1e-2)}  # AdamW's search (a part of the full grid)
 FAMILY_TASKS = ("fam_mlp_fmnist_16", "fam_mlp_cifar8_32")
@@ -63,18 +61,32 @@ def evaluate_shipped(args, out: Path) -> None:
         print(ev.paired_text(report, SHIPPED, other, args.steps))
 
 
+def shipped_rule() -> tuple[str, dict]:
+    """The shipped optimizer's method and the options in which it differs from the defaults."""
+    import dataclasses
+
+    import learned_opt
+    from learned_opt.direction import DirectionConfig
+
+    lopt, _ = learned_opt.load(SHIPPED)
+    default = DirectionConfig()
+    return lopt.name, {k: v for k, v in dataclasses.asdict(lopt.config).items()
+                       if k != "layer" and v != getattr(default, k)}
+
+
 def meta_train_briefly(args, out: Path) -> None:
     """Step 2: a short meta-training of the rule on two family tasks."""
     import numpy as np
 
     from meta_train import MetaTrainConfig, meta_train
 
+    rule, options = shipped_rule()
     config = MetaTrainConfig(
-        task=",".join(FAMILY_TASKS), optimizer=RULE, optimizer_args=RULE_OPTIONS, population=8,
+        task=",".join(FAMILY_TASKS), optimizer=rule, optimizer_args=options, population=8,
         truncation=20, horizon=400, min_horizon=40, outer_steps=args.outer_steps, outer_lr=5e-4,
         outer_schedule="cosine", outer_weight_decay=0.01, std=0.01, seed=0,
         out=str(out / "meta_train"), resume=True, checkpoint_every=100, wandb=args.wandb)
-    print(f"\n2/2 meta-training {RULE} on {list(FAMILY_TASKS)}: PES, population "
+    print(f"\n2/2 meta-training {rule} {options} on {list(FAMILY_TASKS)}: PES, population "
           f"{config.population}, K={config.truncation}, episodes of 40-400 steps, "
           f"{config.outer_steps} outer steps -> {config.out}")
     result = meta_train(config, progress=True, given=MetaTrainConfig.field_names() - {"loss_cap"})
