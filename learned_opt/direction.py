@@ -15,7 +15,9 @@ The recipe of Celo2 (Moudgil et al., ICLR 2026), with a weight-space layer as it
    normalised per tensor.
 3. Direction only: the output is divided by its RMS over each tensor (unit RMS per tensor);
    with ``magnitude="adam"`` it is then given the RMS Adam's step would have on that tensor
-   (the network chooses the direction, Adam the per-tensor size).
+   (the network chooses the direction, Adam the per-tensor size). With ``reference_fan_in``
+   each matrix's step is then multiplied by ``sqrt(reference_fan_in / fan_in)``: the step size
+   Adam needs falls with the width (muP), and on held-out models one peak fits more of them.
 4. The step size outside: ``optax.scale_by_learning_rate(schedule)`` (and decoupled weight
    decay) after :func:`scale_by_learned_direction`; :func:`default_schedule` is the one the
    rule was meta-trained under (linear warm-up, cosine decay over the run).
@@ -71,6 +73,9 @@ VECTOR_RULES = ("learned", "adam")
 # Celo2), or the RMS of Adam's bias-corrected ratio m_0 / sqrt(v) over the tensor (the untrained
 # rule is then Adam with b2 = second_moment_decay, step for step).
 MAGNITUDES = ("unit", "adam")
+# Exponent of the fan-in factor (reference_fan_in / fan_in) ** FAN_IN_POWER; 0.5 was chosen
+# over 1 (muP's for hidden layers) on the validation models (docs/direction.md).
+FAN_IN_POWER = 0.5
 # Input channels, in order; every one is RMS-normalised per tensor.
 FEATURES = ("g", "p", "m_0", "m_1", "m_2", "v", "m_0/sqrt(v)", "m_1/sqrt(v)", "m_2/sqrt(v)",
             "1/sqrt(v)", "g/sqrt(v)", "g/sqrt(v_factored)", "m_0/sqrt(v_factored)",
@@ -93,6 +98,10 @@ class DirectionConfig:
         full mean of g^2, which is also Adam's ``v`` for ``vector_rule="adam"``).
       vector_rule: one of ``VECTOR_RULES``.
       magnitude: one of ``MAGNITUDES``.
+      reference_fan_in: ``None``, or the fan-in whose step the schedule gives: a rank >= 2
+        leaf's step is multiplied by ``(reference_fan_in / fan_in) ** FAN_IN_POWER``, with
+        ``fan_in`` its size over its last axis (the output axis of Flax's Dense and Conv
+        kernels). Rank <= 1 leaves are not rescaled.
       learning_rate: peak of :func:`default_schedule` (meta-training and default use).
       warmup_fraction: linear warm-up of :func:`default_schedule`, as a fraction of the run.
       weight_decay: decoupled weight decay of the default chain (``lr * wd * p``).
@@ -106,6 +115,7 @@ class DirectionConfig:
     factored_decay: float = 0.999
     vector_rule: str = "learned"
     magnitude: str = "unit"
+    reference_fan_in: int | None = None
     learning_rate: float = 3e-3
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
@@ -119,6 +129,10 @@ class DirectionConfig:
                              f"{self.vector_rule!r}")
         if self.magnitude not in MAGNITUDES:
             raise ValueError(f"magnitude must be one of {MAGNITUDES}, got {self.magnitude!r}")
+        if self.reference_fan_in is not None and not (
+                isinstance(self.reference_fan_in, int | np.integer) and self.reference_fan_in >= 1):
+            raise ValueError(f"reference_fan_in must be None or an integer >= 1, got "
+                             f"{self.reference_fan_in!r}")
         if len(self.momentum_decays) != 3:
             raise ValueError(f"momentum_decays must hold 3 decays (FEATURES has m_0..m_2), got "
                              f"{self.momentum_decays}")
@@ -172,6 +186,19 @@ def schedule_value(cfg: DirectionConfig, step: jax.Array, num_steps) -> jax.Arra
     frac = jnp.clip((t - warmup) / jnp.maximum(n - warmup, 1.0), 0.0, 1.0)
     fall = cfg.learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
     return jnp.where(t < warmup, rise, fall)
+
+
+def fan_in_factor(shape: tuple[int, ...], reference_fan_in: int | None) -> float:
+    """The step multiplier of a leaf of ``shape`` (see ``DirectionConfig.reference_fan_in``).
+
+    Example:
+      >>> fan_in_factor((512, 10), 128), fan_in_factor((3, 3, 8, 16), 72), fan_in_factor((7,), 1)
+      (0.5, 1.0, 1.0)
+    """
+    if reference_fan_in is None or len(shape) < 2:
+        return 1.0
+    fan_in = math.prod(shape[:-1])
+    return (reference_fan_in / max(fan_in, 1)) ** FAN_IN_POWER
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -343,6 +370,7 @@ def direction_update(meta_params: PyTree, config: DirectionConfig, state: Direct
             d = d * jax.lax.rsqrt(jnp.mean(jnp.square(d)) + _TINY)
             if config.magnitude == "adam":
                 d = d * _adam_rms(config, m, v, state.step)
+            d = d * fan_in_factor(g.shape, config.reference_fan_in)
         out.append(jnp.where(ok, d, 0).astype(g.dtype))
     new = DirectionState(state.step + 1,
                          *(treedef.unflatten(list(s)) for s in zip(*stats, strict=True)))

@@ -1,8 +1,10 @@
 """The meta-training task family of the learned-direction optimizers: many small, cheap tasks.
 
 Celo2 meta-trains on four 8x8 image MLPs and generalises to far larger networks; this family
-adds other widths and depths, grey CIFAR-10 at 8x8, and one small CNN, RNN and Transformer so
-that the weight-space layer's map types of those architectures get meta-gradient signal. Every
+adds other widths and depths, grey CIFAR-10 at 8x8, one small CNN, and small byte LMs (a ReLU
+RNN, an LSTM, Transformers of one and two blocks) so that the weight-space layer's map types of
+those architectures get meta-gradient signal; ``FAMILY_V1`` is the first eight (the family the
+shipped rules were meta-trained on). No GRU: the GRU LM is a held-out architecture. Every
 member of the family is a registered task (``tasks.get_task``), named ``fam_*``; none has the
 size of a held-out evaluation architecture (the paper's four tasks at their defaults included).
 
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from learned_opt.infer import infer_perm_spec
 from tasks import data as datasets
-from tasks.base import ClassificationTask, Task
-from tasks.models import MLP
+from tasks.base import ClassificationTask, LanguageModelTask, Task
+from tasks.models import MLP, CellLM
 from tasks.registry import (
     TASKS,
     CNNConfig,
@@ -67,6 +72,16 @@ def build_mlp_grey_cifar8(config: GreyCifarMLPConfig, data_dir=None) -> Task:
                               config.num_classes), data, mlp_spec(n), input_scale=1.0 / 255)
 
 
+def build_lstm_lm(config: RNNLMConfig, data_dir=None) -> Task:
+    """The RNN LM's byte streams and sizes with an LSTM cell (spec inferred)."""
+    text = build_rnn_lm(config, data_dir)
+    model = CellLM(config.vocab_size, config.embed_dim, config.hidden, cell="lstm")
+    params = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, config.seq_len), jnp.int32))
+    return LanguageModelTask("lstm_lm", text.config, model, text.data,
+                             infer_perm_spec(params["params"]))
+
+
 FAMILY: dict[str, TaskEntry] = {
     "fam_mlp_fmnist_16": TaskEntry(build_mlp_fmnist, MLPConfig((16,), batch_size=64)),
     "fam_mlp_fmnist_64x64": TaskEntry(build_mlp_fmnist, MLPConfig((64, 64), batch_size=64)),
@@ -79,7 +94,14 @@ FAMILY: dict[str, TaskEntry] = {
                                                          batch_size=16)),
     "fam_transformer_lm_16": TaskEntry(build_transformer_lm, TransformerLMConfig(
         width=16, num_heads=2, mlp_dim=32, num_blocks=1, seq_len=16, batch_size=8)),
+    "fam_lstm_lm_32": TaskEntry(build_lstm_lm, RNNLMConfig(embed_dim=16, hidden=32, seq_len=16,
+                                                           batch_size=16)),
+    "fam_rnn_lm_48x24": TaskEntry(build_rnn_lm, RNNLMConfig(embed_dim=24, hidden=48,
+                                                            seq_len=16, batch_size=16)),
+    "fam_transformer_lm_24x2": TaskEntry(build_transformer_lm, TransformerLMConfig(
+        width=24, num_heads=3, mlp_dim=48, num_blocks=2, seq_len=16, batch_size=8)),
 }
+FAMILY_V1 = tuple(FAMILY)[:8]
 TASKS.update(FAMILY)
 
 

@@ -216,6 +216,25 @@ class RNNLM(nn.Module):
         return dense(self.matmul_impl, self.vocab_size, kernel_init=small_init)(x)
 
 
+# Flax recurrent cells a CellLM can use: gated cells, each gate its own Dense.
+CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell}
+
+
+class CellLM(nn.Module):
+    """Byte-level language model: embedding, one layer of a Flax cell (``CELLS``), output layer."""
+
+    vocab_size: int = 256
+    embed_dim: int = 32
+    hidden: int = 64
+    cell: str = "gru"
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)
+        x = nn.RNN(CELLS[self.cell](self.hidden))(x)
+        return nn.Dense(self.vocab_size)(x)
+
+
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + attention(LN(x)) (causal), then x + MLP(LN(x)) with GELU."""
 

@@ -220,6 +220,12 @@ def test_family_tasks_are_registered_and_grey_cifar_is_the_block_mean():
     params = task.init(jax.random.key(0))
     loss = float(task.loss(params, task.sample_batch(jax.random.key(1))))
     assert abs(loss - np.log(10)) < 0.5
+    # The LSTM LM's inferred spec is a true symmetry of the model (gates share hidden units).
+    lstm = tasks.get_task("fam_lstm_lm_32")
+    params = lstm.init(jax.random.key(0))
+    learned_opt.check_perm_spec(lstm.apply, params, lstm.perm_spec,
+                                lstm.sample_batch(jax.random.key(1))["inputs"][:2])
+    assert abs(float(lstm.loss(params, lstm.sample_batch(jax.random.key(1)))) - np.log(256)) < 0.5
 
 
 @pytest.mark.parametrize("shipped,method,count", [
@@ -393,3 +399,28 @@ def test_network_equals_a_stacked_matmul_mlp(name):
                 zip(hidden, jax.tree.leaves(y), strict=True)]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), w, rtol=2e-4, atol=2e-4)
+
+
+def test_reference_fan_in_rescales_each_matrix_step_by_its_fan_in():
+    # Every rank >= 2 step times sqrt(reference / fan_in), fan_in = size over the last axis;
+    # rank <= 1 steps unchanged; the direction itself (and so scale freedom) untouched.
+    shapes, spec = SPACES["cnn"]()
+    params = random_tree(1, shapes, 0.5)
+    grads = [random_tree(10 + i, shapes) for i in range(3)]
+    plain = learned_opt.learned_optimizer("direction_elementwise", params, magnitude="adam")
+    scaled = learned_opt.learned_optimizer("direction_elementwise", params, magnitude="adam",
+                                           reference_fan_in=16)
+    meta = perturbed_meta(plain)
+    want, _ = run(plain, meta, params, grads)
+    got, _ = run(scaled, meta, params, grads)
+    checked = set()
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                            strict=True):
+        fan_in = int(np.prod(g.shape[:-1])) if g.ndim >= 2 else None
+        factor = np.sqrt(16 / fan_in) if fan_in else 1.0
+        np.testing.assert_allclose(np.asarray(g), factor * np.asarray(w), rtol=1e-5, atol=1e-8,
+                                   err_msg=jax.tree_util.keystr(path))
+        checked.add(factor)
+    assert len(checked) >= 3  # vectors and matrices of at least two fan-ins
+    with pytest.raises(ValueError, match="reference_fan_in must be None or an integer >= 1"):
+        learned_opt.learned_optimizer("direction_elementwise", params, reference_fan_in=0.5)

@@ -25,20 +25,7 @@ import jax.numpy as jnp
 import tasks
 from learned_opt.infer import infer_perm_spec
 from tasks.base import ClassificationTask, LanguageModelTask
-
-
-class GRULM(nn.Module):
-    """Byte-level language model: embedding, one GRU layer, output layer."""
-
-    vocab_size: int = 256
-    embed_dim: int = 32
-    hidden: int = 64
-
-    @nn.compact
-    def __call__(self, tokens):
-        x = nn.Embed(self.vocab_size, self.embed_dim)(tokens)
-        x = nn.RNN(nn.GRUCell(self.hidden))(x)
-        return nn.Dense(self.vocab_size)(x)
+from tasks.models import CellLM
 
 
 class ResidualMLP(nn.Module):
@@ -80,7 +67,7 @@ class ResidualMLPConfig:
 def _gru_lm():
     text = tasks.get_task("rnn_lm")  # its data (the same byte streams)
     cfg = text.config  # the RNN task's sizes and data (RNNLMConfig): only the cell differs
-    model = GRULM(cfg.vocab_size, cfg.embed_dim, cfg.hidden)
+    model = CellLM(cfg.vocab_size, cfg.embed_dim, cfg.hidden, cell="gru")
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, cfg.seq_len), jnp.int32))
     return LanguageModelTask("gru_lm", cfg, model, text.data, infer_perm_spec(params["params"]))
 
