@@ -24,7 +24,7 @@ demo: setup
 # The suite includes the docstring examples of the three packages (doctests); two workers
 # (pytest-xdist): 946 s for 419 items on the 2-core machine with a meta-training on one core.
 test: setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest -n 2 tests --doctest-modules learned_opt meta_train tasks
+	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest -n 2 --durations=25 tests --doctest-modules learned_opt meta_train tasks
 
 lint: setup
 	$(VENV)/bin/ruff check .
