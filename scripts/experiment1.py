@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from meta_train.cli import add_data_dir_flag, apply_data_dir, key_value
+from meta_train.config import CHOICES
 from meta_train.estimators import OBJECTIVES
 from meta_train.experiments.experiment1 import PAPER_OUTER_STEPS, PROTOCOLS
 from meta_train.tracking import WANDB_MODES
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one option of the task protocol's rule for every method "
                    "(learned_opt.LearnedOptimizerConfig; VALUE parsed as JSON; repeatable); use "
                    "another --out and --runs")
+    p.add_argument("--outer-lr", type=float, default=None,
+                   help="outer learning rate of every run (default: the task protocol's); use "
+                   "another --out and --runs")
+    p.add_argument("--outer-schedule", choices=CHOICES["outer_schedule"], default=None,
+                   help="outer learning-rate schedule of every run (default: the protocol's, "
+                   "constant); use another --out and --runs")
     p.add_argument("--out", default="results/experiment1", help="results directory")
     p.add_argument("--runs", default="runs/experiment1",
                    help="meta-training run directories (checkpoints; not committed)")
@@ -93,7 +100,8 @@ def main(argv=None) -> int:
     rows = []
     for task in args.tasks:
         protocol = with_overrides(PROTOCOLS[task], args.objective, args.min_horizon,
-                                  args.optimizer_args, args.horizon_factors)
+                                  args.optimizer_args, args.horizon_factors, args.outer_lr,
+                                  args.outer_schedule)
         methods = args.methods or list(protocol.methods)
         if not args.eval_only:
             for method in methods:

@@ -527,11 +527,14 @@ def test_experiment_overrides_reach_every_method_config():
     protocol = experiment.with_overrides(base, objective="final", min_horizon=2000,
                                          optimizer_args=[("clip_features", True),
                                                          ("init_alpha", 0.05)],
-                                         horizon_factors=[1])
+                                         horizon_factors=[1], outer_lr=3e-4,
+                                         outer_schedule="cosine")
     assert (protocol.objective, protocol.min_horizon, protocol.horizon_factors) == (
         "final", 2000, (1,))
     for method in ("sgdm", "unf"):
-        args = experiment.meta_config(protocol, method, 10, "/tmp/r").optimizer_args
+        config = experiment.meta_config(protocol, method, 10, "/tmp/r")
+        assert (config.outer_lr, config.outer_schedule) == (3e-4, "cosine")
+        args = config.optimizer_args
         want = dict(base.optimizer_args) | {"clip_features": True, "init_alpha": 0.05}
         assert args == json.loads(json.dumps(want))  # the config stores tuples as lists
     assert experiment.with_overrides(base) == base

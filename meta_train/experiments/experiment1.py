@@ -55,6 +55,7 @@ class TaskProtocol(NamedTuple):
     methods: tuple[str, ...]  # the methods the paper compares on this task
     eval_seeds: int  # unseen seeds reported (paper: 5; Transformer 3)
     outer_lr: float = 1e-3  # open in the paper; 3e-3 diverged at T=2,000 on mlp_fmnist
+    outer_schedule: str = "constant"  # or "cosine" (to 10% over the budget): choose on a pilot
     min_horizon: int = 100  # episodes log-uniform in [min_horizon, T] (ablation: README)
     truncation: int = 50
     population: int = 16
@@ -79,7 +80,8 @@ BASELINES = ("adam", "sgdm")
 
 def with_overrides(protocol: TaskProtocol, objective: str | None = None,
                    min_horizon: int | None = None, optimizer_args=(),
-                   horizon_factors=None) -> TaskProtocol:
+                   horizon_factors=None, outer_lr: float | None = None,
+                   outer_schedule: str | None = None) -> TaskProtocol:
     """``protocol`` with the options a user overrides (``None`` / empty: keep the protocol's).
 
     ``optimizer_args``: ``(key, value)`` pairs that override options of the rule for every
@@ -94,6 +96,10 @@ def with_overrides(protocol: TaskProtocol, objective: str | None = None,
             optimizer_args=protocol.optimizer_args + tuple(map(tuple, optimizer_args)))
     if horizon_factors:
         protocol = protocol._replace(horizon_factors=tuple(horizon_factors))
+    if outer_lr is not None:
+        protocol = protocol._replace(outer_lr=float(outer_lr))
+    if outer_schedule is not None:
+        protocol = protocol._replace(outer_schedule=outer_schedule)
     return protocol
 
 
@@ -108,6 +114,7 @@ def meta_config(protocol: TaskProtocol, method: str, budget: int, run_dir, seed:
         estimator="pes", population=protocol.population,
         truncation=protocol.truncation, horizon=protocol.horizon,
         min_horizon=protocol.min_horizon, outer_steps=budget, outer_lr=protocol.outer_lr,
+        outer_schedule=protocol.outer_schedule,
         clip=1.0, std=protocol.std, objective=protocol.objective, seed=seed, out=str(run_dir),
         resume=True, checkpoint_every=min(250, budget), wandb=wandb,
         snapshot_every=protocol.snapshot_every)
