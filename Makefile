@@ -22,7 +22,7 @@ demo: setup
 	$(PY) scripts/demo.py
 
 # The suite includes the docstring examples of the three packages (doctests); two workers
-# (pytest-xdist): 946 s for 419 items on the 2-core machine with a meta-training on one core.
+# (pytest-xdist): 1,099 s for 424 items on the 2-core machine shared with a meta-training.
 test: setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=2 $(PY) -m pytest -n 2 --durations=25 tests --doctest-modules learned_opt meta_train tasks
 

@@ -19,7 +19,7 @@ import optax
 
 import learned_opt
 from learned_opt.checkpoint import optax_for
-from learned_opt.direction import fan_in_factor
+from learned_opt.direction import FAN_IN_POWER, fan_in_factor
 from meta_train.evaluation import Candidate
 from meta_train.experiments.heldout import evaluate_candidates
 
@@ -27,7 +27,7 @@ from meta_train.experiments.heldout import evaluate_candidates
 def scale_by_fan_in(reference, power):
     def update(updates, state, params=None):
         return jax.tree.map(
-            lambda u, p: u * (fan_in_factor(p.shape, reference) ** (power / 0.5)
+            lambda u, p: u * (fan_in_factor(p.shape, reference) ** (power / FAN_IN_POWER)
                               if power else u), updates, params), state
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
